@@ -1,0 +1,696 @@
+/**
+ * Mistral 7B in one TypeScript file: a section-by-section port of mistral-src's `one_file_ref.py`
+ * (commit c18d5b9, as released with Mistral 7B v0.1, September 2023) on TensorFlow.js tensors.
+ *
+ * Read it top to bottom beside the Python: ModelArgs, repeatKV, the rotary embeddings, Attention
+ * with its rolling KV cache, FeedForward, RMSNorm, TransformerBlock, Transformer, Tokenizer,
+ * generate and demo come in the same order and under the same names (in camelCase). What Python
+ * gets for free from torch lives in folders of its own: reading the `.pth` checkpoint in
+ * `checkpoint/`, SentencePiece in `tokenizer/`, the choice of tfjs backend in `runtime/`, and the
+ * command line in `cli/`.
+ *
+ * Shapes: B = batch size, T = tokens in this forward, D = dim, H = n_heads, K = n_kv_heads,
+ * d = head_dim, F = hidden_dim, V = vocab_size, W = sliding_window, C = keys attended to.
+ *
+ * Every function that makes tensors either runs inside `tf.tidy` or hands its result to a caller
+ * who disposes it: the tensor count after a call is the tensor count before it.
+ */
+import * as fs from 'fs';
+import * as path from 'path';
+import * as tf from '@tensorflow/tfjs-core';
+import { openPth } from './checkpoint/pth';
+import { SentencePieceProcessor } from './tokenizer';
+import { checkFitsBackend, explainBackendFailure } from './runtime/backend';
+
+// ----------------------------------------------------------------------------------------------
+// ModelArgs: the hyperparameters, read from params.json
+
+export class ModelArgsError extends Error {
+  override name = 'ModelArgsError';
+}
+
+/** params.json's fields, as the reference's dataclass names them, and whether each is an integer. */
+const PARAMS_FIELDS = {
+  dim: 'int',
+  n_layers: 'int',
+  head_dim: 'int',
+  hidden_dim: 'int',
+  n_heads: 'int',
+  n_kv_heads: 'int',
+  sliding_window: 'int',
+  norm_eps: 'float',
+  vocab_size: 'int',
+} as const;
+
+export class ModelArgs {
+  constructor(
+    readonly dim: number,
+    readonly nLayers: number,
+    readonly headDim: number,
+    readonly hiddenDim: number,
+    readonly nHeads: number,
+    readonly nKvHeads: number,
+    readonly slidingWindow: number,
+    readonly normEps: number,
+    readonly vocabSize: number,
+    /** Not in v0.1's params.json, which used 10000; later releases write it. */
+    readonly ropeTheta: number = 10000,
+    public maxBatchSize: number = 0,
+  ) {}
+
+  /** Validates a parsed params.json; `file` names it in errors. */
+  static fromParams(params: unknown, file = 'params.json'): ModelArgs {
+    if (typeof params !== 'object' || params === null || Array.isArray(params)) {
+      throw new ModelArgsError(`${file}: expected a JSON object of model hyperparameters`);
+    }
+    const p = params as Record<string, unknown>;
+    const field = (name: string, kind: 'int' | 'float', fallback?: number): number => {
+      const v = p[name] ?? fallback;
+      if (v === undefined) throw new ModelArgsError(`${file}: missing field "${name}"`);
+      if (typeof v !== 'number' || !Number.isFinite(v)) {
+        throw new ModelArgsError(`${file}: field "${name}" must be a number, got ${JSON.stringify(v)}`);
+      }
+      if (kind === 'int' && !Number.isInteger(v)) {
+        throw new ModelArgsError(`${file}: field "${name}" must be an integer, got ${v}`);
+      }
+      if (v <= 0) throw new ModelArgsError(`${file}: field "${name}" must be positive, got ${v}`);
+      return v;
+    };
+    for (const key of Object.keys(p)) {
+      if (!(key in PARAMS_FIELDS) && key !== 'rope_theta') {
+        throw new ModelArgsError(
+          `${file}: unknown field "${key}" (Mistral 7B's fields are ${Object.keys(PARAMS_FIELDS).join(', ')}, rope_theta)`,
+        );
+      }
+    }
+    const f = PARAMS_FIELDS;
+    const args = new ModelArgs(
+      field('dim', f.dim),
+      field('n_layers', f.n_layers),
+      field('head_dim', f.head_dim),
+      field('hidden_dim', f.hidden_dim),
+      field('n_heads', f.n_heads),
+      field('n_kv_heads', f.n_kv_heads),
+      field('sliding_window', f.sliding_window),
+      field('norm_eps', f.norm_eps),
+      field('vocab_size', f.vocab_size),
+      field('rope_theta', 'float', 10000),
+    );
+    if (args.nHeads % args.nKvHeads !== 0) {
+      throw new ModelArgsError(
+        `${file}: field "n_heads" (${args.nHeads}) must be a multiple of "n_kv_heads" (${args.nKvHeads})`,
+      );
+    }
+    if (args.headDim % 2 !== 0) {
+      throw new ModelArgsError(`${file}: field "head_dim" must be even for rotary embeddings, got ${args.headDim}`);
+    }
+    return args;
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// repeatKV: grouped-query attention shares each key/value head among nHeads / nKvHeads queries
+
+export function repeatKV(keys: tf.Tensor4D, values: tf.Tensor4D, repeats: number): [tf.Tensor4D, tf.Tensor4D] {
+  // torch.repeat_interleave on dim 2: kv head k becomes heads k*repeats .. k*repeats + repeats-1.
+  const repeat = (x: tf.Tensor4D): tf.Tensor4D => {
+    const [b, c, k, d] = x.shape;
+    if (repeats === 1) return tf.clone(x);
+    // [B, C, K, d] -> [B, C, K, 1, d] -> [B, C, K, repeats, d] -> [B, C, K*repeats, d]
+    return tf.tidy(() => tf.reshape(tf.tile(tf.expandDims(x, 3), [1, 1, 1, repeats, 1]), [b, c, k * repeats, d]));
+  };
+  return [repeat(keys), repeat(values)];
+}
+
+// ----------------------------------------------------------------------------------------------
+// Rotary embeddings, in the reference's interleaved layout.
+//
+// The reference views each head vector x as headDim/2 complex numbers (x[2i] + i*x[2i+1]) and
+// multiplies number i by e^(i * pos * theta^(-2i/headDim)). The wasm backend has no complex
+// tensors, so we write the product out in real arithmetic:
+//   (a + ib)(cos + i sin) = (a cos - b sin) + i(a sin + b cos).
+// (Hugging Face's port uses the "half-split" layout instead: pairs (x[i], x[i + d/2]).)
+
+/** The angles' cosines and sines for positions 0..end-1: cos, sin: [end, headDim/2]. */
+export interface FreqsCis {
+  cos: tf.Tensor2D;
+  sin: tf.Tensor2D;
+}
+
+export function precomputeFreqsCis(dim: number, end: number, theta = 10000.0): FreqsCis {
+  return tf.tidy(() => {
+    // freqs[i] = 1 / theta^(2i/dim): [dim/2]
+    const freqs: tf.Tensor1D = tf.div(1.0, tf.pow(theta, tf.div(tf.range(0, dim, 2, 'float32'), dim)));
+    // angles[t, i] = t * freqs[i]: [end, dim/2]
+    const t = tf.range(0, end, 1, 'float32');
+    const angles = tf.outerProduct(t, freqs);
+    return { cos: tf.cos(angles) as tf.Tensor2D, sin: tf.sin(angles) as tf.Tensor2D };
+  });
+}
+
+export function applyRotaryEmb(
+  xq: tf.Tensor4D,
+  xk: tf.Tensor4D,
+  freqsCis: FreqsCis, // cos, sin: [T, d/2], the rows for this forward's positions
+): [tf.Tensor4D, tf.Tensor4D] {
+  const rotate = (x: tf.Tensor4D): tf.Tensor4D =>
+    tf.tidy(() => {
+      const [b, t, h, d] = x.shape;
+      // cos, sin: [T, d/2] -> [1, T, 1, d/2], to broadcast over batch and heads
+      const cos = tf.reshape(freqsCis.cos, [1, t, 1, d / 2]);
+      const sin = tf.reshape(freqsCis.sin, [1, t, 1, d / 2]);
+      // pairs: [B, T, h, d/2, 2] -> real parts a and imaginary parts b: [B, T, h, d/2]
+      const [a, bImag] = tf.unstack(tf.reshape(x, [b, t, h, d / 2, 2]), 4);
+      const real = tf.sub(tf.mul(a, cos), tf.mul(bImag, sin));
+      const imag = tf.add(tf.mul(a, sin), tf.mul(bImag, cos));
+      // back to interleaved pairs: [B, T, h, d/2, 2] -> [B, T, h, d]
+      return tf.reshape(tf.stack([real, imag], 4), [b, t, h, d]) as tf.Tensor4D;
+    });
+  return [rotate(xq), rotate(xk)];
+}
+
+// ----------------------------------------------------------------------------------------------
+// A weight of the model and nn.Linear
+
+/** The model's weights by their names in consolidated.00.pth, as float32 tensors. */
+export type StateDict = Map<string, tf.Tensor>;
+
+function weight(stateDict: StateDict, name: string): tf.Tensor {
+  const w = stateDict.get(name);
+  if (w === undefined) throw new Error(`state dict has no "${name}"`);
+  return w;
+}
+
+/** nn.Linear without bias: y = x W^T, with W stored as torch stores it, [out, in]. */
+function linear(x: tf.Tensor, w: tf.Tensor): tf.Tensor {
+  return tf.tidy(() => {
+    const [outFeatures, inFeatures] = w.shape as [number, number];
+    const lead = x.shape.slice(0, -1) as number[];
+    // [..., in] -> [N, in] @ [out, in]^T -> [N, out] -> [..., out]
+    return tf.reshape(tf.matMul(tf.reshape(x, [-1, inFeatures]), w as tf.Tensor2D, false, true), [...lead, outFeatures]);
+  });
+}
+
+// ----------------------------------------------------------------------------------------------
+// Attention, with a rolling KV cache of slidingWindow entries
+
+export class Attention {
+  readonly nHeads: number;
+  readonly nKvHeads: number;
+  readonly repeats: number;
+  readonly slidingWindow: number;
+  readonly scale: number;
+
+  readonly wq: tf.Tensor; // [H*d, D]
+  readonly wk: tf.Tensor; // [K*d, D]
+  readonly wv: tf.Tensor; // [K*d, D]
+  readonly wo: tf.Tensor; // [D, H*d]
+  // The cache is a rotating buffer: position p lives in slot p % W. cacheK, cacheV: [maxBatchSize, W, K, d]
+  readonly cacheK: tf.Variable;
+  readonly cacheV: tf.Variable;
+
+  constructor(
+    readonly args: ModelArgs,
+    stateDict: StateDict,
+    prefix: string,
+  ) {
+    this.nHeads = args.nHeads;
+    this.nKvHeads = args.nKvHeads;
+    this.repeats = this.nHeads / this.nKvHeads;
+    this.slidingWindow = args.slidingWindow;
+    this.scale = args.headDim ** -0.5;
+
+    this.wq = weight(stateDict, `${prefix}.wq.weight`);
+    this.wk = weight(stateDict, `${prefix}.wk.weight`);
+    this.wv = weight(stateDict, `${prefix}.wv.weight`);
+    this.wo = weight(stateDict, `${prefix}.wo.weight`);
+    const cacheShape = [args.maxBatchSize, args.slidingWindow, this.nKvHeads, args.headDim];
+    this.cacheK = tf.variable(tf.zeros(cacheShape), false);
+    this.cacheV = tf.variable(tf.zeros(cacheShape), false);
+  }
+
+  forward(
+    x: tf.Tensor3D, // [B, T, D]
+    freqsCis: FreqsCis, // [T, d/2] each
+    positions: number[], // [T], the absolute positions of this forward's tokens
+    mask: tf.Tensor2D | null, // [T, T], or null for a single token
+  ): tf.Tensor3D {
+    return tf.tidy(() => {
+      const [bsz, seqlen] = x.shape;
+      const { headDim } = this.args;
+
+      // xq: [B, T, H, d]; xk, xv: [B, T, K, d]
+      let xq = tf.reshape(linear(x, this.wq), [bsz, seqlen, this.nHeads, headDim]) as tf.Tensor4D;
+      let xk = tf.reshape(linear(x, this.wk), [bsz, seqlen, this.nKvHeads, headDim]) as tf.Tensor4D;
+      const xv = tf.reshape(linear(x, this.wv), [bsz, seqlen, this.nKvHeads, headDim]) as tf.Tensor4D;
+      [xq, xk] = applyRotaryEmb(xq, xk, freqsCis);
+
+      // The cache is a rotating buffer: write the last W positions of this forward into their slots.
+      const W = this.slidingWindow;
+      const kept = Math.min(seqlen, W);
+      const slots = positions.slice(seqlen - kept).map((p) => p % W); // [kept]
+      // scatterPos: [B, kept, 2], pairs (batch row, slot)
+      const scatterPos = tf.tensor3d(
+        Array.from({ length: bsz }, (_, b) => slots.map((s) => [b, s])),
+        [bsz, kept, 2],
+        'int32',
+      );
+      const lastK = tf.slice(xk, [0, seqlen - kept], [bsz, kept]); // [B, kept, K, d]
+      const lastV = tf.slice(xv, [0, seqlen - kept], [bsz, kept]);
+      this.cacheK.assign(tf.tensorScatterUpdate(this.cacheK, scatterPos, lastK));
+      this.cacheV.assign(tf.tensorScatterUpdate(this.cacheV, scatterPos, lastV));
+
+      let key: tf.Tensor4D;
+      let value: tf.Tensor4D;
+      if (positions.length > 1) {
+        // prefill: attend within this forward's tokens; the mask keeps it causal and windowed.
+        [key, value] = repeatKV(xk, xv, this.repeats); // [B, T, H, d]
+      } else {
+        // decode: attend to every filled slot of the cache (at most W: the token itself and the
+        // W-1 before it). Their order in the buffer does not matter: attention is a weighted sum
+        // and the rotary embedding already carries each key's position.
+        const curPos = Math.min(positions[positions.length - 1] + 1, W);
+        const cachedK = tf.slice(this.cacheK, [0, 0], [bsz, curPos]) as tf.Tensor4D; // [B, C, K, d]
+        const cachedV = tf.slice(this.cacheV, [0, 0], [bsz, curPos]) as tf.Tensor4D;
+        [key, value] = repeatKV(cachedK, cachedV, this.repeats); // [B, C, H, d]
+      }
+
+      const query = tf.transpose(xq, [0, 2, 1, 3]); // [B, H, T, d]
+      const keyT = tf.transpose(key, [0, 2, 1, 3]); // [B, H, C, d]
+      const valueT = tf.transpose(value, [0, 2, 1, 3]); // [B, H, C, d]
+      // scores: [B, H, T, C]
+      let scores = tf.mul(tf.matMul(query, keyT, false, true), this.scale);
+      if (mask !== null) scores = tf.add(scores, tf.reshape(mask, [1, 1, seqlen, seqlen]));
+      scores = tf.softmax(scores, -1);
+      const output = tf.matMul(scores, valueT); // [B, H, T, d]
+      // [B, H, T, d] -> [B, T, H, d] -> [B, T, H*d]
+      const merged = tf.reshape(tf.transpose(output, [0, 2, 1, 3]), [bsz, seqlen, this.nHeads * headDim]);
+      return linear(merged, this.wo) as tf.Tensor3D; // [B, T, D]
+    });
+  }
+
+  dispose(): void {
+    this.cacheK.dispose();
+    this.cacheV.dispose();
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// FeedForward: SwiGLU, w2(silu(w1 x) * w3 x)
+
+export class FeedForward {
+  readonly w1: tf.Tensor; // [F, D]
+  readonly w2: tf.Tensor; // [D, F]
+  readonly w3: tf.Tensor; // [F, D]
+
+  constructor(stateDict: StateDict, prefix: string) {
+    this.w1 = weight(stateDict, `${prefix}.w1.weight`);
+    this.w2 = weight(stateDict, `${prefix}.w2.weight`);
+    this.w3 = weight(stateDict, `${prefix}.w3.weight`);
+  }
+
+  forward(x: tf.Tensor3D): tf.Tensor3D {
+    return tf.tidy(() => {
+      const gate = linear(x, this.w1); // [B, T, F]
+      const silu = tf.mul(gate, tf.sigmoid(gate)); // silu(z) = z * sigmoid(z)
+      return linear(tf.mul(silu, linear(x, this.w3)), this.w2) as tf.Tensor3D; // [B, T, D]
+    });
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// RMSNorm: x / sqrt(mean(x^2) + eps), times a learned gain per channel
+
+export class RMSNorm {
+  constructor(
+    readonly weight: tf.Tensor, // [D]
+    readonly eps = 1e-6,
+  ) {}
+
+  forward(x: tf.Tensor3D): tf.Tensor3D {
+    return tf.tidy(() => {
+      const meanSquare = tf.mean(tf.square(x), -1, true); // [B, T, 1]
+      return tf.mul(tf.mul(x, tf.rsqrt(tf.add(meanSquare, this.eps))), this.weight) as tf.Tensor3D;
+    });
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// TransformerBlock: pre-norm attention and feed-forward, each added to the residual stream
+
+export class TransformerBlock {
+  readonly attention: Attention;
+  readonly feedForward: FeedForward;
+  readonly attentionNorm: RMSNorm;
+  readonly ffnNorm: RMSNorm;
+
+  constructor(args: ModelArgs, stateDict: StateDict, prefix: string) {
+    this.attention = new Attention(args, stateDict, `${prefix}.attention`);
+    this.feedForward = new FeedForward(stateDict, `${prefix}.feed_forward`);
+    this.attentionNorm = new RMSNorm(weight(stateDict, `${prefix}.attention_norm.weight`), args.normEps);
+    this.ffnNorm = new RMSNorm(weight(stateDict, `${prefix}.ffn_norm.weight`), args.normEps);
+  }
+
+  forward(x: tf.Tensor3D, freqsCis: FreqsCis, positions: number[], mask: tf.Tensor2D | null): tf.Tensor3D {
+    return tf.tidy(() => {
+      const h = tf.add(x, this.attention.forward(this.attentionNorm.forward(x), freqsCis, positions, mask));
+      return tf.add(h, this.feedForward.forward(this.ffnNorm.forward(h as tf.Tensor3D))) as tf.Tensor3D;
+    });
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Transformer: embeddings, the blocks, a final norm and the output projection
+
+/** How many positions the rotary table covers, as in the reference. */
+const MAX_POSITIONS = 128_000;
+
+/** Every weight of consolidated.00.pth with its shape, as the reference's modules declare them. */
+export function stateDictShapes(args: ModelArgs): Map<string, number[]> {
+  const { dim, headDim, hiddenDim, nHeads, nKvHeads, vocabSize } = args;
+  const shapes = new Map<string, number[]>();
+  shapes.set('tok_embeddings.weight', [vocabSize, dim]); // [V, D]
+  for (let i = 0; i < args.nLayers; i++) {
+    const p = `layers.${i}`;
+    shapes.set(`${p}.attention.wq.weight`, [nHeads * headDim, dim]); // [H*d, D]
+    shapes.set(`${p}.attention.wk.weight`, [nKvHeads * headDim, dim]); // [K*d, D]
+    shapes.set(`${p}.attention.wv.weight`, [nKvHeads * headDim, dim]); // [K*d, D]
+    shapes.set(`${p}.attention.wo.weight`, [dim, nHeads * headDim]); // [D, H*d]
+    shapes.set(`${p}.feed_forward.w1.weight`, [hiddenDim, dim]); // [F, D]
+    shapes.set(`${p}.feed_forward.w2.weight`, [dim, hiddenDim]); // [D, F]
+    shapes.set(`${p}.feed_forward.w3.weight`, [hiddenDim, dim]); // [F, D]
+    shapes.set(`${p}.attention_norm.weight`, [dim]); // [D]
+    shapes.set(`${p}.ffn_norm.weight`, [dim]); // [D]
+  }
+  shapes.set('norm.weight', [dim]); // [D]
+  shapes.set('output.weight', [vocabSize, dim]); // [V, D]
+  return shapes;
+}
+
+export class CheckpointMismatchError extends Error {
+  override name = 'CheckpointMismatchError';
+}
+
+export class Transformer {
+  readonly vocabSize: number;
+  readonly nLayers: number;
+  readonly tokEmbeddings: tf.Tensor; // [V, D]
+  readonly layers: TransformerBlock[];
+  readonly norm: RMSNorm;
+  readonly output: tf.Tensor; // [V, D]
+  readonly freqsCis: FreqsCis; // [MAX_POSITIONS, d/2] each
+
+  constructor(
+    readonly args: ModelArgs,
+    readonly stateDict: StateDict,
+  ) {
+    this.vocabSize = args.vocabSize;
+    this.nLayers = args.nLayers;
+    this.tokEmbeddings = weight(stateDict, 'tok_embeddings.weight');
+    this.layers = Array.from({ length: args.nLayers }, (_, i) => new TransformerBlock(args, stateDict, `layers.${i}`));
+    this.norm = new RMSNorm(weight(stateDict, 'norm.weight'), args.normEps);
+    this.output = weight(stateDict, 'output.weight');
+    this.freqsCis = precomputeFreqsCis(args.headDim, MAX_POSITIONS, args.ropeTheta);
+  }
+
+  /**
+   * inputIds: [B, T] int32; positions: [T] int32, the absolute position of each column.
+   * T > 1 is a prefill (tokens attend to each other under the mask); T = 1 is a decode step
+   * (the token attends to the cache). Returns logits: [B, T, V] float32; the caller disposes it.
+   */
+  forward(inputIds: tf.Tensor2D, positions: tf.Tensor1D): tf.Tensor3D {
+    const [bsz, seqlen] = inputIds.shape;
+    const pos = Array.from(positions.dataSync());
+    checkForwardInputs(this.args, inputIds, pos);
+    try {
+      return tf.tidy(() => {
+        let h = tf.gather(this.tokEmbeddings, inputIds) as tf.Tensor3D; // [B, T, D]
+        const freqsCis: FreqsCis = {
+          cos: tf.gather(this.freqsCis.cos, positions), // [T, d/2]
+          sin: tf.gather(this.freqsCis.sin, positions),
+        };
+
+        let mask: tf.Tensor2D | null = null;
+        if (seqlen > 1) {
+          // The sliding window, one definition for every path: a query at position i sees the W
+          // keys i-W+1 .. i, itself and the W-1 before it, which is exactly what the decode cache
+          // of W slots holds. (The reference's prefill mask, triu(tril(ones), diagonal=-W), lets
+          // it see W+1 keys, i-W .. i, disagreeing with its own cache; its xformers path
+          // make_local_attention(W) and Hugging Face's port use W keys, as we do.)
+          // band: [T, T], ones on the diagonal and the W-1 diagonals below it (all of them when
+          // T <= W); its log is the additive mask: 0 where a query may look, -inf elsewhere.
+          const lower = Math.min(this.args.slidingWindow - 1, seqlen - 1);
+          const band = tf.linalg.bandPart(tf.ones([seqlen, seqlen]), lower, 0);
+          mask = tf.log(band) as tf.Tensor2D;
+        }
+
+        for (const layer of this.layers) {
+          h = layer.forward(h, freqsCis, pos, mask);
+        }
+        return linear(this.norm.forward(h), this.output) as tf.Tensor3D; // [B, T, V]
+      });
+    } catch (err) {
+      throw explainBackendFailure(err);
+    }
+  }
+
+  /** Loads params.json and consolidated.00.pth from an official model folder. */
+  static async fromFolder(folder: string, opts: { maxBatchSize?: number } = {}): Promise<Transformer> {
+    const maxBatchSize = opts.maxBatchSize ?? 1;
+    const paramsFile = path.join(folder, 'params.json');
+    const args = ModelArgs.fromParams(readJson(paramsFile), paramsFile);
+    args.maxBatchSize = maxBatchSize;
+
+    const checkpointFile = path.join(folder, 'consolidated.00.pth');
+    const checkpoint = openPth(checkpointFile);
+    try {
+      // Like torch's load_state_dict(strict=True): every key present, none extra, every shape right,
+      // all checked before a single weight is read.
+      const expected = stateDictShapes(args);
+      checkStateDict(checkpointFile, expected, checkpoint.tensors);
+      const cacheElems = 2 * args.nLayers * maxBatchSize * args.slidingWindow * args.nKvHeads * args.headDim;
+      let paramElems = 0;
+      for (const shape of expected.values()) paramElems += shape.reduce((a, b) => a * b, 1);
+      const ropeElems = MAX_POSITIONS * args.headDim;
+      checkFitsBackend(4 * (paramElems + cacheElems + ropeElems), `${folder}`);
+
+      const stateDict: StateDict = new Map();
+      for (const [name, shape] of expected) {
+        stateDict.set(name, tf.tensor(checkpoint.read(name), shape, 'float32'));
+      }
+      return new Transformer(args, stateDict);
+    } finally {
+      checkpoint.close();
+    }
+  }
+
+  /** Frees the weights, the caches and the rotary tables. */
+  dispose(): void {
+    for (const w of this.stateDict.values()) w.dispose();
+    for (const layer of this.layers) layer.attention.dispose();
+    this.freqsCis.cos.dispose();
+    this.freqsCis.sin.dispose();
+  }
+}
+
+function readJson(file: string): unknown {
+  let text: string;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    throw new ModelArgsError(`${file}: cannot read (${code === 'ENOENT' ? 'no such file' : code ?? String(err)})`);
+  }
+  try {
+    return JSON.parse(text);
+  } catch (err) {
+    throw new ModelArgsError(`${file}: not valid JSON (${(err as Error).message})`);
+  }
+}
+
+function checkStateDict(
+  file: string,
+  expected: Map<string, number[]>,
+  found: Map<string, { shape: number[] }>,
+): void {
+  for (const [name, shape] of expected) {
+    const record = found.get(name);
+    if (record === undefined) throw new CheckpointMismatchError(`${file}: missing weight "${name}" (params.json expects it)`);
+    if (record.shape.length !== shape.length || record.shape.some((n, i) => n !== shape[i])) {
+      throw new CheckpointMismatchError(
+        `${file}: weight "${name}" has shape [${record.shape}], params.json implies [${shape}]`,
+      );
+    }
+  }
+  for (const name of found.keys()) {
+    if (!expected.has(name)) {
+      throw new CheckpointMismatchError(`${file}: unexpected weight "${name}" (not in a model of this params.json)`);
+    }
+  }
+}
+
+function checkForwardInputs(args: ModelArgs, inputIds: tf.Tensor2D, positions: number[]): void {
+  const [bsz, seqlen] = inputIds.shape;
+  if (bsz > args.maxBatchSize) {
+    throw new RangeError(`batch of ${bsz} rows exceeds maxBatchSize ${args.maxBatchSize}`);
+  }
+  if (positions.length !== seqlen) {
+    throw new RangeError(`positions has ${positions.length} entries for ${seqlen} tokens`);
+  }
+  if (positions.some((p) => !Number.isInteger(p) || p < 0 || p >= MAX_POSITIONS)) {
+    throw new RangeError(`positions must be integers in [0, ${MAX_POSITIONS})`);
+  }
+  for (const id of inputIds.dataSync()) {
+    if (!Number.isInteger(id) || id < 0 || id >= args.vocabSize) {
+      throw new RangeError(`token id ${id} is outside the vocabulary [0, ${args.vocabSize})`);
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Tokenizer: SentencePiece, as the reference wraps it
+
+export class Tokenizer {
+  private constructor(private readonly model: SentencePieceProcessor) {}
+
+  static async load(modelPath: string): Promise<Tokenizer> {
+    return new Tokenizer(await SentencePieceProcessor.load(modelPath));
+  }
+
+  get bosId(): number {
+    return this.model.bosId;
+  }
+
+  get eosId(): number {
+    return this.model.eosId;
+  }
+
+  /** -1 for Mistral's tokenizer, which has no pad piece: generate() pads with it and masks it out. */
+  get padId(): number {
+    return this.model.padId;
+  }
+
+  encode(s: string, bos = true): number[] {
+    const ids = this.model.encode(s, false);
+    return bos ? [this.model.bosId, ...ids] : ids;
+  }
+
+  decode(t: number[]): string {
+    return this.model.decode(t);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// generate: greedy decoding, batched the reference's way
+
+export interface GenerateResult {
+  /** The decoded prompt-plus-completion of each row; empty when maxTokens is 0, as in the reference. */
+  texts: string[];
+  /** Per row: the logprob of each prompt token after the first up to the shortest prompt's length, then of each step's token. */
+  logprobs: number[][];
+  /** Per row: the token fed at each of the maxTokens steps (a longer prompt's own tokens first). */
+  generatedIds: number[][];
+}
+
+/**
+ * The reference's generate(): prefill every row with the shortest prompt's length, then take
+ * maxTokens single-token steps. At each step a row whose prompt is not used up is fed its own
+ * next prompt token (teacher forcing); the others get the greedy argmax.
+ */
+export async function generate(
+  prompts: string[],
+  model: Transformer,
+  tokenizer: Tokenizer,
+  maxTokens: number,
+): Promise<GenerateResult> {
+  const encodedPrompts = prompts.map((p) => tokenizer.encode(p));
+  const promptLens = encodedPrompts.map((x) => x.length);
+  const minPromptLen = Math.min(...promptLens);
+  const maxPromptLen = Math.max(...promptLens);
+  const bsz = prompts.length;
+
+  // inputTokens: [B, maxPromptLen], padded with padId; inputMask marks the real prompt tokens.
+  const inputTokens = encodedPrompts.map((x) => [...x, ...new Array<number>(maxPromptLen - x.length).fill(tokenizer.padId)]);
+  const inputMask = inputTokens.map((row) => row.map((id) => id !== tokenizer.padId));
+
+  // pre-fill: logprobs [B, minPromptLen, V]
+  let logprobs = tf.tidy(() => {
+    const prefill = tf.tensor2d(inputTokens.map((row) => row.slice(0, minPromptLen)), [bsz, minPromptLen], 'int32');
+    return tf.logSoftmax(model.forward(prefill, tf.range(0, minPromptLen, 1, 'int32') as tf.Tensor1D), -1);
+  });
+
+  // The logprob of each prompt token given the ones before it: [B, minPromptLen - 1]
+  const prefillLogprobs = logprobs.arraySync() as number[][][]; // [B, minPromptLen, V]
+  const allLogprobs = inputTokens.map((row, b) =>
+    row.slice(1, minPromptLen).map((id, t) => prefillLogprobs[b][t][id]),
+  );
+
+  // decode
+  const generated: number[][] = inputTokens.map(() => []);
+  let curPos = minPromptLen;
+  for (let step = 0; step < maxTokens; step++) {
+    // lastLogprobs: [B, V], the distribution over the token at curPos
+    const lastLogprobs = tf.tidy(() =>
+      tf.reshape(tf.slice(logprobs, [0, logprobs.shape[1] - 1, 0], [bsz, 1, -1]), [bsz, -1]).arraySync(),
+    ) as number[][];
+    const nextToken = lastLogprobs.map((row, b) => {
+      // Teacher forcing: a row still inside its prompt is fed its own token, not the argmax.
+      if (curPos < maxPromptLen && inputMask[b][curPos]) return inputTokens[b][curPos];
+      return argmax(row);
+    });
+    nextToken.forEach((id, b) => {
+      allLogprobs[b].push(lastLogprobs[b][id]);
+      generated[b].push(id);
+    });
+    logprobs.dispose();
+    // As in the reference, the last step's forward runs too, though nothing reads its logits.
+    logprobs = tf.tidy(() =>
+      tf.logSoftmax(model.forward(tf.tensor2d(nextToken, [bsz, 1], 'int32'), tf.tensor1d([curPos], 'int32')), -1),
+    );
+    curPos += 1;
+  }
+  logprobs.dispose();
+
+  const texts: string[] = [];
+  if (maxTokens > 0) {
+    encodedPrompts.forEach((x, i) => texts.push(tokenizer.decode([...x.slice(0, minPromptLen), ...generated[i]])));
+  }
+  return { texts, logprobs: allLogprobs, generatedIds: generated };
+}
+
+/** The index of the largest value, the first one on ties (as torch.argmax). */
+function argmax(row: number[]): number {
+  let best = 0;
+  for (let i = 1; i < row.length; i++) if (row[i] > row[best]) best = i;
+  return best;
+}
+
+// ----------------------------------------------------------------------------------------------
+// demo: the reference's three prompts
+
+export const DEMO_PROMPTS = [
+  'This is a test',
+  'This is another test',
+  'This is a third test, mistral AI is very good at testing. ',
+];
+
+export async function demo(modelPath: string, maxTokens = 35): Promise<void> {
+  const tokenizer = await Tokenizer.load(path.join(modelPath, 'tokenizer.model'));
+  const transformer = await Transformer.fromFolder(modelPath, { maxBatchSize: 3 });
+  try {
+    const { texts } = await generate(DEMO_PROMPTS, transformer, tokenizer, maxTokens);
+    for (const x of texts) {
+      console.log(x);
+      console.log('=====================');
+    }
+  } finally {
+    transformer.dispose();
+  }
+}
+
+// The reference ends with fire.Fire(demo). Here the command line also offers --prompt, --json,
+// logits and more; it lives in cli/, above this file, and is only loaded when run as a script.
+if (require.main === module) {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  (require('./cli/main') as typeof import('./cli/main')).main(process.argv.slice(2));
+}

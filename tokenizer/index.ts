@@ -1,0 +1,161 @@
+/**
+ * The tokenizer: SentencePiece (the real C++ library, compiled to WebAssembly by @agnai/sentencepiece-js)
+ * behind the small API of Python's SentencePieceProcessor, made to behave like Python's sentencepiece:
+ *
+ *  - load() checks the file itself (the package "loads" any file and then encodes everything to []);
+ *  - bos/eos/unk/pad ids are read from the model file (the package has no getters for them) and
+ *    follow Python's sp.bos_id() & co: the id of the trainer_spec's piece name if that piece has the
+ *    right type, else -1;
+ *  - decode() rejects an out-of-range id (the package returns "", Python raises);
+ *  - encode() replaces lone surrogates with U+FFFD first (they would corrupt the UTF-8 sent to wasm).
+ */
+import { promises as fs } from 'fs';
+import { SentencePieceProcessor as WasmProcessor } from '@agnai/sentencepiece-js';
+import { TokenizerError } from './error';
+import { parseModelProto, PieceType, type ModelPiece } from './model_proto';
+
+export { TokenizerError } from './error';
+
+/** Ids of the special pieces, as Python's sp.unk_id(), bos_id(), eos_id(), pad_id() give them. */
+interface SpecialIds {
+  unk: number;
+  bos: number;
+  eos: number;
+  pad: number;
+}
+
+export class SentencePieceProcessor {
+  private constructor(
+    private readonly sp: WasmProcessor,
+    private readonly special: SpecialIds,
+    /** Number of pieces in the model (Python's sp.vocab_size()). */
+    readonly vocabSize: number,
+  ) {}
+
+  /** Loads a SentencePiece .model file; throws a TokenizerError naming `path` when it is missing or not a valid model. */
+  static async load(path: string): Promise<SentencePieceProcessor> {
+    let bytes: Uint8Array;
+    try {
+      bytes = await fs.readFile(path);
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'ENOENT') throw new TokenizerError(`tokenizer model file not found: ${path}`);
+      throw new TokenizerError(`cannot read tokenizer model file ${path}: ${code ?? String(err)}`);
+    }
+    const { pieces, trainerSpec } = parseModelProto(bytes, path);
+    const pieceToId = pieceLookup(pieces);
+    const typedId = (name: string, type: number): number => {
+      const id = pieceToId(name);
+      return pieces[id].type === type ? id : -1;
+    };
+    const special: SpecialIds = {
+      unk: typedId(trainerSpec.unkPiece, PieceType.UNKNOWN),
+      bos: typedId(trainerSpec.bosPiece, PieceType.CONTROL),
+      eos: typedId(trainerSpec.eosPiece, PieceType.CONTROL),
+      pad: typedId(trainerSpec.padPiece, PieceType.CONTROL),
+    };
+    const checks: [string, number, number, string][] = [
+      ['unk_id', trainerSpec.unkId, special.unk, trainerSpec.unkPiece],
+      ['bos_id', trainerSpec.bosId, special.bos, trainerSpec.bosPiece],
+      ['eos_id', trainerSpec.eosId, special.eos, trainerSpec.eosPiece],
+      ['pad_id', trainerSpec.padId, special.pad, trainerSpec.padPiece],
+    ];
+    for (const [field, declared, found, name] of checks) {
+      if (declared !== found) {
+        throw new TokenizerError(
+          `${path}: trainer_spec.${field} is ${declared} but piece ${JSON.stringify(name)} resolves to id ${found}`,
+        );
+      }
+    }
+
+    const sp = new WasmProcessor();
+    try {
+      await sp.load(path);
+    } catch (err) {
+      throw new TokenizerError(`${path}: SentencePiece could not load it (${firstLine(err)})`);
+    }
+    const status = sp.processor.status();
+    const statusText = status.ToString();
+    status.delete();
+    if (statusText !== 'OK') throw new TokenizerError(`${path}: SentencePiece rejected the model (${firstLine(statusText)})`);
+    // The C++ side must see the same pieces as our reader did.
+    for (const name of [trainerSpec.unkPiece, trainerSpec.bosPiece, trainerSpec.eosPiece, trainerSpec.padPiece]) {
+      const wasmId = wasmPieceToId(sp, name);
+      if (wasmId !== pieceToId(name)) {
+        throw new TokenizerError(`${path}: SentencePiece maps piece ${JSON.stringify(name)} to id ${wasmId}, the file says ${pieceToId(name)}`);
+      }
+    }
+    if (sp.encodeIds('a').length === 0) throw new TokenizerError(`${path}: SentencePiece encodes "a" to no ids after loading`);
+    return new SentencePieceProcessor(sp, special, pieces.length);
+  }
+
+  get bosId(): number {
+    return this.special.bos;
+  }
+
+  get eosId(): number {
+    return this.special.eos;
+  }
+
+  /** -1 when the model has no pad piece (as Mistral's). */
+  get padId(): number {
+    return this.special.pad;
+  }
+
+  get unkId(): number {
+    return this.special.unk;
+  }
+
+  /** The ids of `text` as Python's sp.encode(text), with the BOS id first when `bos` (as one_file_ref.py's Tokenizer adds it). */
+  encode(text: string, bos = true): number[] {
+    if (typeof text !== 'string') throw new TokenizerError(`encode: text must be a string, got ${typeof text}`);
+    const ids = this.sp.encodeIds(toWellFormed(text));
+    if (bos) {
+      if (this.special.bos < 0) throw new TokenizerError('encode: bos requested but the model has no BOS piece');
+      ids.unshift(this.special.bos);
+    }
+    return ids;
+  }
+
+  /** The text of `ids` as Python's sp.decode(ids) (control pieces such as BOS/EOS decode to nothing). */
+  decode(ids: readonly number[]): string {
+    for (let i = 0; i < ids.length; i++) {
+      const id = ids[i];
+      if (!Number.isInteger(id) || id < 0 || id >= this.vocabSize) {
+        throw new TokenizerError(`decode: token id ${id} at position ${i} is out of range, expected an integer in [0, ${this.vocabSize})`);
+      }
+    }
+    return this.sp.decodeIds([...ids]);
+  }
+}
+
+/** Python's PieceToId: the id of the piece with that text, or the UNKNOWN piece's id. */
+function pieceLookup(pieces: readonly ModelPiece[]): (name: string) => number {
+  const ids = new Map<string, number>();
+  pieces.forEach((p, id) => {
+    if (!ids.has(p.piece)) ids.set(p.piece, id);
+  });
+  const unk = pieces.findIndex((p) => p.type === PieceType.UNKNOWN);
+  return (name) => ids.get(name) ?? unk;
+}
+
+function wasmPieceToId(sp: WasmProcessor, name: string): number {
+  const holder = new sp.sentencepiece.StringView(name);
+  const view = holder.getView();
+  try {
+    return sp.processor.PieceToId(view);
+  } finally {
+    view.delete();
+    holder.delete();
+  }
+}
+
+/** String.prototype.toWellFormed (Node 20; not in this project's ES2022 lib typings). */
+function toWellFormed(text: string): string {
+  return (text as unknown as { toWellFormed(): string }).toWellFormed();
+}
+
+function firstLine(value: unknown): string {
+  const text = value instanceof Error ? value.message : String(value);
+  return text.split('\n', 1)[0].slice(0, 200);
+}

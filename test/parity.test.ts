@@ -1,0 +1,168 @@
+/**
+ * Parity with the Python reference: logits, greedy ids, texts and logprobs dumped by
+ * fixtures/dump_reference.py (mistral-src's one_file_ref.py itself, run on CPU in float32) for the
+ * tiny models in fixtures/, compared with this port's on the same checkpoints.
+ *
+ * Tolerance: 1e-4 absolute on every logit and logprob (float32 throughout on both sides; the
+ * difference is summation order). The largest difference per case is printed.
+ */
+import * as fs from 'fs';
+import * as path from 'path';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import * as tf from '@tensorflow/tfjs-core';
+import { demo, generate, Tokenizer, Transformer } from '../one_file_ref';
+import { readNpy } from '../checkpoint/npy';
+
+const ROOT = path.resolve(__dirname, '..');
+const REFERENCE = path.join(ROOT, 'fixtures', 'reference');
+const TOLERANCE = 1e-4;
+
+interface NpyRef {
+  file: string;
+  shape: number[];
+}
+interface Case {
+  name: string;
+  kind: 'prefill' | 'prefill_decode' | 'generate' | 'demo';
+  ids?: number[][];
+  positions?: number[];
+  forward_positions?: number[][];
+  logits?: NpyRef;
+  prompts?: string[];
+  max_tokens?: number;
+  generated_ids?: number[][];
+  texts?: string[];
+  stdout?: string;
+  all_logprobs?: NpyRef;
+}
+interface Index {
+  mask: 'w-keys' | 'as-written';
+  model_folder: string;
+  max_batch_size: number;
+  params: { sliding_window: number };
+  checkpoint_dtype: string;
+  cases: Case[];
+}
+
+function loadIndex(config: string): Index {
+  return JSON.parse(fs.readFileSync(path.join(REFERENCE, config, 'index.json'), 'utf8')) as Index;
+}
+
+function loadArray(config: string, ref: NpyRef): Float32Array {
+  const { data, shape } = readNpy(path.join(REFERENCE, config, ref.file));
+  expect(shape).toEqual(ref.shape);
+  return Float32Array.from(data as ArrayLike<number>);
+}
+
+function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  expect(a.length).toBe(b.length);
+  let worst = 0;
+  for (let i = 0; i < a.length; i++) {
+    const d = Math.abs(a[i] - b[i]);
+    if (!(d <= worst)) worst = d; // NaN propagates as a failure
+  }
+  return worst;
+}
+
+/** Runs the port on a case's tokens, one forward per group of positions; logits [B, T, V] flattened. */
+function portLogits(model: Transformer, ids: number[][], forwards: number[][]): Float32Array {
+  const bsz = ids.length;
+  const seqlen = ids[0].length;
+  const vocab = model.args.vocabSize;
+  const out = new Float32Array(bsz * seqlen * vocab);
+  for (const positions of forwards) {
+    const from = positions[0];
+    const chunk = tf.tidy(() => {
+      const input = tf.tensor2d(ids.map((r) => r.slice(from, from + positions.length)), [bsz, positions.length], 'int32');
+      return model.forward(input, tf.tensor1d(positions, 'int32')).dataSync();
+    });
+    const width = positions.length * vocab;
+    for (let b = 0; b < bsz; b++) out.set(chunk.subarray(b * width, (b + 1) * width), (b * seqlen + from) * vocab);
+  }
+  return out;
+}
+
+const CONFIGS = fs
+  .readdirSync(REFERENCE)
+  .filter((d) => fs.existsSync(path.join(REFERENCE, d, 'index.json')) && loadIndex(d).mask === 'w-keys');
+
+describe.each(CONFIGS)('parity with the reference: %s', (config) => {
+  const index = loadIndex(config);
+  const folder = path.join(ROOT, index.model_folder);
+  let model: Transformer;
+  let tokenizer: Tokenizer;
+
+  beforeAll(async () => {
+    model = await Transformer.fromFolder(folder, { maxBatchSize: index.max_batch_size });
+    tokenizer = await Tokenizer.load(path.join(folder, 'tokenizer.model'));
+  });
+  afterAll(() => model.dispose());
+
+  const logitCases = index.cases.filter((c) => c.kind === 'prefill' || c.kind === 'prefill_decode');
+  it.each(logitCases.map((c) => [c.name, c]))('%s logits', (_name, c) => {
+    const forwards = c.kind === 'prefill' ? [c.positions!] : c.forward_positions!;
+    const got = portLogits(model, c.ids!, forwards);
+    const diff = maxAbsDiff(got, loadArray(config, c.logits!));
+    console.log(`${config}/${c.name} (${index.checkpoint_dtype}, W=${index.params.sliding_window}, [${c.logits!.shape}]): max |logit diff| = ${diff.toExponential(2)}`);
+    expect(diff).toBeLessThanOrEqual(TOLERANCE);
+  });
+
+  const generateCases = index.cases.filter((c) => c.kind === 'generate');
+  it.each(generateCases.map((c) => [c.name, c]))('%s: generate() ids, texts and logprobs', async (_name, c) => {
+    const before = tf.memory().numTensors;
+    const result = await generate(c.prompts!, model, tokenizer, c.max_tokens!);
+    expect(tf.memory().numTensors).toBe(before);
+    expect(result.generatedIds).toEqual(c.generated_ids);
+    expect(result.texts).toEqual(c.texts);
+    const diff = maxAbsDiff(result.logprobs.flat(), loadArray(config, c.all_logprobs!));
+    console.log(`${config}/${c.name}: max |logprob diff| = ${diff.toExponential(2)}`);
+    expect(diff).toBeLessThanOrEqual(TOLERANCE);
+  });
+
+  const demoCase = index.cases.find((c) => c.kind === 'demo');
+  if (demoCase !== undefined) it('demo() prints what the reference prints', async () => {
+    const lines: string[] = [];
+    const spy = vi.spyOn(console, 'log').mockImplementation((x: unknown) => void lines.push(String(x)));
+    try {
+      await demo(folder, demoCase.max_tokens);
+    } finally {
+      spy.mockRestore();
+    }
+    expect(lines.map((l) => `${l}\n`).join('')).toBe(demoCase.stdout);
+  });
+});
+
+describe('the sliding window against the reference as written (W+1 keys in its prefill mask)', () => {
+  const config = 'tiny-as-written';
+  const index = loadIndex(config);
+  const W = index.params.sliding_window;
+
+  it('differs from the W-key definition exactly from position W on', async () => {
+    const model = await Transformer.fromFolder(path.join(ROOT, index.model_folder), { maxBatchSize: index.max_batch_size });
+    try {
+      const c = index.cases.find((x) => x.kind === 'prefill' && x.ids![0].length > 2 * W)!;
+      expect(c).toBeDefined();
+      const got = portLogits(model, c.ids!, [c.positions!]);
+      const want = loadArray(config, c.logits!);
+      const [bsz, seqlen, vocab] = c.logits!.shape;
+      const diffAt = (t: number): number => {
+        let worst = 0;
+        for (let b = 0; b < bsz; b++) {
+          const at = (b * seqlen + t) * vocab;
+          worst = Math.max(worst, maxAbsDiff(got.subarray(at, at + vocab), want.subarray(at, at + vocab)));
+        }
+        return worst;
+      };
+      const before = Array.from({ length: W }, (_, t) => diffAt(t));
+      const after = Array.from({ length: seqlen - W }, (_, t) => diffAt(W + t));
+      console.log(`as written vs W keys: max diff before W = ${Math.max(...before).toExponential(2)}, at W = ${after[0].toExponential(2)}`);
+      // Positions 0..W-1 see at most W keys under both masks: identical.
+      expect(Math.max(...before)).toBeLessThanOrEqual(TOLERANCE);
+      // Position W is the first whose query sees W+1 keys in the reference's mask.
+      expect(after[0]).toBeGreaterThan(1e-2);
+      for (const d of after) expect(d).toBeGreaterThan(TOLERANCE);
+    } finally {
+      model.dispose();
+    }
+  });
+});

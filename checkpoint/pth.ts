@@ -1,0 +1,332 @@
+/**
+ * Reads a torch.save checkpoint (a zip holding `<prefix>/data.pkl` and one
+ * raw little-endian record `<prefix>/data/<key>` per storage) holding a flat
+ * state dict of bfloat16 / float16 / float32 tensors, e.g. Mistral 7B's
+ * consolidated.00.pth.
+ *
+ * openPth reads only the zip central directory and the pickle; each tensor's
+ * bytes are read at their offset when asked for and converted to float32, so
+ * a 14.5 GB checkpoint is read with memory bounded by the largest tensor.
+ */
+import * as os from 'os';
+import { CheckpointError } from './errors';
+import { PickleGlobal, PickleObject, PickleValue, unpickle } from './pickle';
+import { ZipEntry, ZipReader } from './zip';
+
+export { CheckpointError } from './errors';
+
+/** Tensor dtypes we can read as weights. */
+export type WeightDtype = 'bfloat16' | 'float16' | 'float32';
+
+/** What the pickle says about one tensor of the state dict. */
+export interface TensorInfo {
+  readonly dtype: WeightDtype;
+  readonly shape: number[];
+  /** Number of elements (product of shape; 1 for a 0-d tensor). */
+  readonly numel: number;
+  /** Storage key: the tensor's bytes live in record `<prefix>/data/<storageKey>`. */
+  readonly storageKey: string;
+  /** Offset of the first element within the storage, in elements. */
+  readonly storageOffset: number;
+}
+
+export interface PthCheckpoint {
+  readonly path: string;
+  /** The folder name inside the zip ("archive", or the stem of the file name torch.save wrote). */
+  readonly prefix: string;
+  /** Tensors in state-dict order. */
+  readonly tensors: Map<string, TensorInfo>;
+  /** Reads tensor `name` from disk, converted to float32 (exactly: bf16 and f16 both fit in f32). */
+  read(name: string): Float32Array;
+  /** Closes the file; read() fails afterwards. */
+  close(): void;
+}
+
+// ---------------------------------------------------------------------------
+// What the pickle may reference.
+
+interface StorageKind {
+  /** torch dtype name, for messages. */
+  readonly dtype: string;
+  /** Set when we can read it as weights. */
+  readonly weight?: WeightDtype;
+}
+
+/** torch.<Name>Storage -> dtype. Only the first three are readable; the rest give a clear error. */
+const STORAGE_KINDS: ReadonlyMap<string, StorageKind> = new Map([
+  ['BFloat16Storage', { dtype: 'bfloat16', weight: 'bfloat16' }],
+  ['HalfStorage', { dtype: 'float16', weight: 'float16' }],
+  ['FloatStorage', { dtype: 'float32', weight: 'float32' }],
+  ['DoubleStorage', { dtype: 'float64' }],
+  ['LongStorage', { dtype: 'int64' }],
+  ['IntStorage', { dtype: 'int32' }],
+  ['ShortStorage', { dtype: 'int16' }],
+  ['CharStorage', { dtype: 'int8' }],
+  ['ByteStorage', { dtype: 'uint8' }],
+  ['BoolStorage', { dtype: 'bool' }],
+  ['ComplexFloatStorage', { dtype: 'complex64' }],
+  ['ComplexDoubleStorage', { dtype: 'complex128' }],
+  ['QInt8Storage', { dtype: 'qint8' }],
+  ['QUInt8Storage', { dtype: 'quint8' }],
+  ['QInt32Storage', { dtype: 'qint32' }],
+]);
+
+const BYTES_PER_ELEMENT: Record<WeightDtype, number> = { bfloat16: 2, float16: 2, float32: 4 };
+
+/** A storage as named by a persistent id: ('storage', torch.XStorage, key, location, numel). */
+class StorageRef extends PickleObject {
+  constructor(
+    readonly kind: StorageKind,
+    readonly typeName: string,
+    readonly key: string,
+    readonly numel: number,
+  ) {
+    super();
+  }
+}
+
+/** The result of torch._utils._rebuild_tensor_v2. */
+class TensorRef extends PickleObject {
+  constructor(
+    readonly storage: StorageRef,
+    readonly storageOffset: number,
+    readonly shape: number[],
+    readonly stride: number[],
+  ) {
+    super();
+  }
+}
+
+function isCount(v: PickleValue): v is number {
+  return typeof v === 'number' && Number.isSafeInteger(v) && v >= 0;
+}
+
+function countTuple(v: PickleValue, file: string, what: string): number[] {
+  if (!Array.isArray(v) || !v.every(isCount)) {
+    throw new CheckpointError(file, `_rebuild_tensor_v2 ${what} is not a tuple of non-negative integers`);
+  }
+  return [...(v as number[])];
+}
+
+function rebuildTensor(args: readonly PickleValue[], file: string): PickleValue {
+  // _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks[, metadata])
+  if (args.length < 4) throw new CheckpointError(file, `_rebuild_tensor_v2 got ${args.length} arguments, expected at least 4`);
+  const [storage, offset, size, stride] = args;
+  if (!(storage instanceof StorageRef)) throw new CheckpointError(file, '_rebuild_tensor_v2 storage argument is not a storage');
+  if (!isCount(offset)) throw new CheckpointError(file, '_rebuild_tensor_v2 storage offset is not a non-negative integer');
+  const shape = countTuple(size, file, 'size');
+  const strides = countTuple(stride, file, 'stride');
+  if (strides.length !== shape.length) {
+    throw new CheckpointError(file, `_rebuild_tensor_v2 size has ${shape.length} dims but stride has ${strides.length}`);
+  }
+  return new TensorRef(storage, offset, shape, strides);
+}
+
+function rebuildParameter(args: readonly PickleValue[], file: string): PickleValue {
+  // _rebuild_parameter(data, requires_grad, backward_hooks): a Parameter is just its tensor here.
+  const data = args[0];
+  if (!(data instanceof TensorRef)) throw new CheckpointError(file, '_rebuild_parameter argument is not a tensor');
+  return data;
+}
+
+function newOrderedDict(args: readonly PickleValue[], file: string): PickleValue {
+  if (args.length !== 0) throw new CheckpointError(file, 'collections.OrderedDict called with arguments (only OrderedDict() is supported)');
+  return new Map();
+}
+
+const TORCH_GLOBALS: ReadonlyMap<string, PickleGlobal> = new Map([
+  ['collections.OrderedDict', new PickleGlobal('collections', 'OrderedDict', newOrderedDict)],
+  ['torch._utils._rebuild_tensor_v2', new PickleGlobal('torch._utils', '_rebuild_tensor_v2', rebuildTensor)],
+  ['torch._utils._rebuild_parameter', new PickleGlobal('torch._utils', '_rebuild_parameter', rebuildParameter)],
+  ...[...STORAGE_KINDS.keys()].map((name): [string, PickleGlobal] => [`torch.${name}`, new PickleGlobal('torch', name)]),
+]);
+
+function persistentLoad(file: string): (pid: PickleValue) => PickleValue {
+  return (pid) => {
+    if (!Array.isArray(pid) || pid.length !== 5 || pid[0] !== 'storage') {
+      throw new CheckpointError(file, 'persistent id is not a (storage, type, key, location, numel) tuple');
+    }
+    const [, type, key, , numel] = pid;
+    if (!(type instanceof PickleGlobal) || type.module !== 'torch' || !STORAGE_KINDS.has(type.name)) {
+      throw new CheckpointError(file, 'persistent id does not name a torch storage type');
+    }
+    if (typeof key !== 'string' || !isCount(numel)) throw new CheckpointError(file, 'persistent id has a bad storage key or size');
+    return new StorageRef(STORAGE_KINDS.get(type.name) as StorageKind, type.qualifiedName, key, numel);
+  };
+}
+
+// ---------------------------------------------------------------------------
+// Conversions to float32 (all exact).
+
+/** float16 bits -> float32 bits for all 65536 halves, built on first use. */
+let halfTable: Uint32Array | null = null;
+
+function halfToFloatTable(): Uint32Array {
+  if (halfTable) return halfTable;
+  const table = new Uint32Array(65536);
+  const asFloat = new Float32Array(table.buffer);
+  for (let h = 0; h < 65536; h++) {
+    const sign = (h & 0x8000) << 16;
+    const exponent = (h >> 10) & 0x1f;
+    const mantissa = h & 0x3ff;
+    if (exponent === 0) {
+      // zero or subnormal: mantissa * 2^-24, exact in float32
+      asFloat[h] = (sign ? -1 : 1) * mantissa * 2 ** -24;
+    } else if (exponent === 0x1f) {
+      // inf, or nan with its payload kept and the quiet bit set (what torch's .float() gives)
+      table[h] = sign | 0x7f800000 | (mantissa << 13) | (mantissa ? 0x00400000 : 0);
+    } else {
+      table[h] = sign | ((exponent + 127 - 15) << 23) | (mantissa << 13);
+    }
+  }
+  halfTable = table;
+  return table;
+}
+
+/** Elements converted per chunk, to keep the temporary 16-bit buffer small. */
+const CONVERT_CHUNK = 1 << 22;
+
+// ---------------------------------------------------------------------------
+
+class PthFile implements PthCheckpoint {
+  readonly path: string;
+  readonly prefix: string;
+  readonly tensors: Map<string, TensorInfo>;
+  private readonly zip: ZipReader;
+
+  constructor(path: string, zip: ZipReader) {
+    this.path = path;
+    this.zip = zip;
+    this.prefix = this.findPrefix();
+    this.checkByteOrder();
+    this.tensors = this.readStateDict();
+  }
+
+  close(): void {
+    this.zip.close();
+  }
+
+  read(name: string): Float32Array {
+    const info = this.tensors.get(name);
+    if (!info) throw new CheckpointError(this.path, `no tensor named "${name}"`);
+    const entry = this.storageEntry(info.storageKey);
+    const itemSize = BYTES_PER_ELEMENT[info.dtype];
+    const firstByte = info.storageOffset * itemSize;
+    const out = new Float32Array(info.numel);
+    if (info.dtype === 'float32') {
+      this.zip.readInto(entry, firstByte, new Uint8Array(out.buffer));
+      return out;
+    }
+    const outBits = new Uint32Array(out.buffer);
+    const chunk = new Uint16Array(Math.min(info.numel, CONVERT_CHUNK));
+    const chunkBytes = new Uint8Array(chunk.buffer);
+    const table = info.dtype === 'float16' ? halfToFloatTable() : null;
+    for (let start = 0; start < info.numel; start += chunk.length) {
+      const n = Math.min(chunk.length, info.numel - start);
+      this.zip.readInto(entry, firstByte + start * 2, chunkBytes.subarray(0, n * 2));
+      if (table) {
+        for (let i = 0; i < n; i++) outBits[start + i] = table[chunk[i]];
+      } else {
+        // bfloat16 is the top half of a float32.
+        for (let i = 0; i < n; i++) outBits[start + i] = chunk[i] << 16;
+      }
+    }
+    return out;
+  }
+
+  /** torch names the zip's top folder after the file it saved to; the first record is always in it. */
+  private findPrefix(): string {
+    const first = this.zip.entries.keys().next();
+    const slash = first.done ? -1 : first.value.indexOf('/');
+    if (first.done || slash <= 0) {
+      throw new CheckpointError(this.path, 'zip has no <prefix>/data.pkl record: not a torch.save checkpoint');
+    }
+    const prefix = first.value.slice(0, slash);
+    if (!this.zip.entries.has(`${prefix}/data.pkl`)) {
+      throw new CheckpointError(this.path, `zip has no ${prefix}/data.pkl record: not a torch.save checkpoint`);
+    }
+    return prefix;
+  }
+
+  /** Newer torch writes `<prefix>/byteorder`; older files are little-endian. */
+  private checkByteOrder(): void {
+    if (os.endianness() !== 'LE') throw new CheckpointError(this.path, 'reading checkpoints needs a little-endian machine');
+    const entry = this.zip.entries.get(`${this.prefix}/byteorder`);
+    if (!entry) return;
+    const order = this.zip.readAll(entry).toString('latin1').trim();
+    if (order !== 'little') throw new CheckpointError(this.path, `byte order is "${order}", only "little" is supported`);
+  }
+
+  private storageEntry(key: string): ZipEntry {
+    const entry = this.zip.entries.get(`${this.prefix}/data/${key}`);
+    if (!entry) throw new CheckpointError(this.path, `storage record ${this.prefix}/data/${key} is missing`);
+    return entry;
+  }
+
+  private readStateDict(): Map<string, TensorInfo> {
+    const pickle = this.zip.readAll(this.zip.entry(`${this.prefix}/data.pkl`));
+    const root = unpickle(pickle, {
+      file: `${this.path} (${this.prefix}/data.pkl)`,
+      globals: TORCH_GLOBALS,
+      persistentLoad: persistentLoad(this.path),
+    });
+    if (!(root instanceof Map)) throw new CheckpointError(this.path, 'pickle does not hold a dict (expected a state dict)');
+    const tensors = new Map<string, TensorInfo>();
+    for (const [name, value] of root) {
+      if (typeof name !== 'string') throw new CheckpointError(this.path, `state dict key ${String(name)} is not a string`);
+      if (!(value instanceof TensorRef)) throw new CheckpointError(this.path, `state dict entry "${name}" is not a tensor`);
+      tensors.set(name, this.checkTensor(name, value));
+    }
+    return tensors;
+  }
+
+  private checkTensor(name: string, t: TensorRef): TensorInfo {
+    const { storage } = t;
+    const dtype = storage.kind.weight;
+    if (!dtype) {
+      throw new CheckpointError(
+        this.path,
+        `tensor "${name}" has unsupported dtype ${storage.kind.dtype} (${storage.typeName}); expected bfloat16, float16 or float32`,
+      );
+    }
+    const numel = t.shape.reduce((a, b) => a * b, 1);
+    if (!Number.isSafeInteger(numel)) throw new CheckpointError(this.path, `tensor "${name}" shape [${t.shape}] is too large`);
+    // Row-major contiguity; a dimension of size 1 may have any stride (as in torch).
+    let expected = 1;
+    for (let d = t.shape.length - 1; d >= 0 && numel > 0; d--) {
+      if (t.shape[d] !== 1 && t.stride[d] !== expected) {
+        throw new CheckpointError(
+          this.path,
+          `tensor "${name}" is not contiguous (shape [${t.shape}], stride [${t.stride}]); save it with .contiguous()`,
+        );
+      }
+      expected *= t.shape[d];
+    }
+    if (numel > 0 && t.storageOffset + numel > storage.numel) {
+      throw new CheckpointError(
+        this.path,
+        `tensor "${name}" (offset ${t.storageOffset}, ${numel} elements) runs past the end of its storage of ${storage.numel} elements`,
+      );
+    }
+    const entry = this.storageEntry(storage.key);
+    const needBytes = storage.numel * BYTES_PER_ELEMENT[dtype];
+    if (entry.size < needBytes) {
+      throw new CheckpointError(
+        this.path,
+        `storage record ${entry.name} has ${entry.size} bytes, but its ${storage.numel} ${dtype} elements need ${needBytes}`,
+      );
+    }
+    return { dtype, shape: t.shape, numel, storageKey: storage.key, storageOffset: t.storageOffset };
+  }
+}
+
+/** Opens a torch.save checkpoint holding a flat state dict. Throws CheckpointError on anything unexpected. */
+export function openPth(path: string): PthCheckpoint {
+  const zip = ZipReader.open(path);
+  try {
+    return new PthFile(path, zip);
+  } catch (err) {
+    zip.close();
+    throw err;
+  }
+}

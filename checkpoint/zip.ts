@@ -1,0 +1,304 @@
+/**
+ * A read-only reader for the zip archives written by torch.save.
+ *
+ * It reads only the end-of-central-directory records (zip64 included) and
+ * the central directory up front, through positioned reads on a file
+ * descriptor, so it works on checkpoints far larger than a Node Buffer can
+ * hold. Entry bytes are read on demand at their offsets. torch stores every
+ * record uncompressed ("stored", method 0); any other method is an error.
+ */
+import * as fs from 'fs';
+import { CheckpointError } from './errors';
+
+/** One file inside the archive, as described by its central directory entry. */
+export interface ZipEntry {
+  readonly name: string;
+  /** Uncompressed (= stored) size in bytes. */
+  readonly size: number;
+  readonly crc32: number;
+  /** Offset of the entry's local file header within the archive. */
+  readonly localHeaderOffset: number;
+}
+
+const SIG_LOCAL = 0x04034b50;
+const SIG_CENTRAL = 0x02014b50;
+const SIG_EOCD = 0x06054b50;
+const SIG_EOCD64 = 0x06064b50;
+const SIG_EOCD64_LOCATOR = 0x07064b50;
+const EOCD_SIZE = 22;
+const EOCD64_LOCATOR_SIZE = 20;
+const EOCD64_MIN_SIZE = 56;
+const CENTRAL_HEADER_SIZE = 46;
+const LOCAL_HEADER_SIZE = 30;
+const MAX_COMMENT = 0xffff;
+const ZIP64_EXTRA_ID = 0x0001;
+/** fs.readSync reads at most about 2 GiB per call; stay well below that. */
+const READ_CHUNK = 1 << 30;
+
+let crcTable: Uint32Array | null = null;
+
+/** CRC-32 (the zip / zlib polynomial), as zip records store it. (zlib.crc32 needs Node >= 20.15.) */
+export function crc32(data: Uint8Array): number {
+  if (!crcTable) {
+    crcTable = new Uint32Array(256);
+    for (let n = 0; n < 256; n++) {
+      let c = n;
+      for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+      crcTable[n] = c >>> 0;
+    }
+  }
+  let crc = 0xffffffff;
+  for (let i = 0; i < data.length; i++) crc = crcTable[(crc ^ data[i]) & 0xff] ^ (crc >>> 8);
+  return (crc ^ 0xffffffff) >>> 0;
+}
+
+/** Reads a little-endian unsigned 64-bit value, which must fit in a JS number. */
+function readU64(buf: Buffer, at: number, file: string, what: string): number {
+  const value = buf.readBigUInt64LE(at);
+  if (value > BigInt(Number.MAX_SAFE_INTEGER)) {
+    throw new CheckpointError(file, `zip ${what} ${value} is too large`);
+  }
+  return Number(value);
+}
+
+export class ZipReader {
+  readonly path: string;
+  /** File size in bytes. */
+  readonly fileSize: number;
+  /** Entries in central directory order, keyed by name. */
+  readonly entries: ReadonlyMap<string, ZipEntry>;
+  private fd: number | null;
+  /** Byte offset where the central directory starts: entry data must end before it. */
+  private readonly centralDirOffset: number;
+  private readonly dataOffsets = new Map<string, number>();
+
+  private constructor(path: string, fd: number, fileSize: number) {
+    this.path = path;
+    this.fd = fd;
+    this.fileSize = fileSize;
+    const { cdOffset, cdSize, count } = this.readEndOfCentralDirectory();
+    this.centralDirOffset = cdOffset;
+    this.entries = this.readCentralDirectory(cdOffset, cdSize, count);
+  }
+
+  /** Opens `path` and reads its central directory; throws CheckpointError if it is not a usable zip. */
+  static open(path: string): ZipReader {
+    let fd: number;
+    try {
+      fd = fs.openSync(path, 'r');
+    } catch (err) {
+      throw new CheckpointError(path, `cannot open: ${(err as Error).message}`);
+    }
+    try {
+      const size = fs.fstatSync(fd).size;
+      return new ZipReader(path, fd, size);
+    } catch (err) {
+      fs.closeSync(fd);
+      throw err;
+    }
+  }
+
+  close(): void {
+    if (this.fd !== null) {
+      fs.closeSync(this.fd);
+      this.fd = null;
+    }
+  }
+
+  /** The entry called `name`, or a CheckpointError saying it is missing. */
+  entry(name: string): ZipEntry {
+    const e = this.entries.get(name);
+    if (!e) throw new CheckpointError(this.path, `zip has no record "${name}"`);
+    return e;
+  }
+
+  /** Reads `length` bytes of `entry` starting `start` bytes into it, into `target` (at its start). */
+  readInto(entry: ZipEntry, start: number, target: Uint8Array): void {
+    if (start < 0 || start + target.length > entry.size) {
+      throw new CheckpointError(
+        this.path,
+        `read of bytes ${start}..${start + target.length} is outside record "${entry.name}" of ${entry.size} bytes`,
+      );
+    }
+    this.readAt(this.dataOffset(entry) + start, target, `record "${entry.name}"`);
+  }
+
+  /** Reads a whole (small) entry, checking its CRC-32. */
+  readAll(entry: ZipEntry): Buffer {
+    const buf = Buffer.alloc(entry.size);
+    this.readInto(entry, 0, buf);
+    if (crc32(buf) !== entry.crc32) {
+      throw new CheckpointError(this.path, `record "${entry.name}" fails its CRC-32 check (corrupt file)`);
+    }
+    return buf;
+  }
+
+  /** Absolute file offset of the entry's first data byte (parses its local header once). */
+  dataOffset(entry: ZipEntry): number {
+    const cached = this.dataOffsets.get(entry.name);
+    if (cached !== undefined) return cached;
+    const header = Buffer.alloc(LOCAL_HEADER_SIZE);
+    this.readAt(entry.localHeaderOffset, header, `local header of "${entry.name}"`);
+    if (header.readUInt32LE(0) !== SIG_LOCAL) {
+      throw new CheckpointError(this.path, `record "${entry.name}" has no local file header at offset ${entry.localHeaderOffset}`);
+    }
+    const nameLength = header.readUInt16LE(26);
+    const extraLength = header.readUInt16LE(28);
+    const start = entry.localHeaderOffset + LOCAL_HEADER_SIZE + nameLength + extraLength;
+    if (start + entry.size > this.centralDirOffset) {
+      throw new CheckpointError(
+        this.path,
+        `record "${entry.name}" (${entry.size} bytes at offset ${start}) runs past the start of the central directory at ${this.centralDirOffset}`,
+      );
+    }
+    const localName = Buffer.alloc(nameLength);
+    this.readAt(entry.localHeaderOffset + LOCAL_HEADER_SIZE, localName, `local header of "${entry.name}"`);
+    if (localName.toString('utf8') !== entry.name) {
+      throw new CheckpointError(this.path, `local header at offset ${entry.localHeaderOffset} names "${localName.toString('utf8')}", central directory says "${entry.name}"`);
+    }
+    this.dataOffsets.set(entry.name, start);
+    return start;
+  }
+
+  /** Positioned read that fills `target` completely or throws (truncated file). */
+  private readAt(position: number, target: Uint8Array, what: string): void {
+    if (this.fd === null) throw new CheckpointError(this.path, 'read after close()');
+    if (position < 0 || position + target.length > this.fileSize) {
+      throw new CheckpointError(
+        this.path,
+        `${what} (bytes ${position}..${position + target.length}) lies outside the file of ${this.fileSize} bytes (truncated?)`,
+      );
+    }
+    let done = 0;
+    while (done < target.length) {
+      const want = Math.min(READ_CHUNK, target.length - done);
+      const got = fs.readSync(this.fd, target, done, want, position + done);
+      if (got === 0) throw new CheckpointError(this.path, `unexpected end of file reading ${what}`);
+      done += got;
+    }
+  }
+
+  /** Finds the (zip64) end of central directory; returns where the directory is and how many entries it has. */
+  private readEndOfCentralDirectory(): { cdOffset: number; cdSize: number; count: number } {
+    if (this.fileSize < EOCD_SIZE) {
+      throw new CheckpointError(this.path, `not a zip archive (only ${this.fileSize} bytes, no end of central directory)`);
+    }
+    const tailLength = Math.min(this.fileSize, EOCD_SIZE + MAX_COMMENT);
+    const tailStart = this.fileSize - tailLength;
+    const tail = Buffer.alloc(tailLength);
+    this.readAt(tailStart, tail, 'end of file');
+    let eocd = -1;
+    for (let i = tailLength - EOCD_SIZE; i >= 0; i--) {
+      // The signature must be followed by a comment that reaches exactly to the end of the file.
+      if (tail.readUInt32LE(i) === SIG_EOCD && i + EOCD_SIZE + tail.readUInt16LE(i + 20) === tailLength) {
+        eocd = i;
+        break;
+      }
+    }
+    if (eocd < 0) {
+      throw new CheckpointError(this.path, 'not a zip archive or truncated (no end-of-central-directory record)');
+    }
+    let count = tail.readUInt16LE(eocd + 10);
+    let cdSize = tail.readUInt32LE(eocd + 12);
+    let cdOffset = tail.readUInt32LE(eocd + 16);
+    const eocdPosition = tailStart + eocd;
+
+    // A zip64 archive puts a locator just before the classic record, pointing at the zip64 record.
+    let cdLimit = eocdPosition; // the central directory must end before this
+    const locatorPosition = eocdPosition - EOCD64_LOCATOR_SIZE;
+    const locator = Buffer.alloc(EOCD64_LOCATOR_SIZE);
+    if (locatorPosition >= 0) this.readAt(locatorPosition, locator, 'zip64 locator');
+    if (locatorPosition >= 0 && locator.readUInt32LE(0) === SIG_EOCD64_LOCATOR) {
+      const eocd64Position = readU64(locator, 8, this.path, 'zip64 end-of-central-directory offset');
+      if (eocd64Position + EOCD64_MIN_SIZE > locatorPosition) {
+        throw new CheckpointError(this.path, `zip64 end-of-central-directory offset ${eocd64Position} is outside the file`);
+      }
+      const record = Buffer.alloc(EOCD64_MIN_SIZE);
+      this.readAt(eocd64Position, record, 'zip64 end-of-central-directory record');
+      if (record.readUInt32LE(0) !== SIG_EOCD64) {
+        throw new CheckpointError(this.path, `no zip64 end-of-central-directory record at offset ${eocd64Position}`);
+      }
+      count = readU64(record, 32, this.path, 'entry count');
+      cdSize = readU64(record, 40, this.path, 'central directory size');
+      cdOffset = readU64(record, 48, this.path, 'central directory offset');
+      cdLimit = eocd64Position;
+    } else if (count === 0xffff || cdSize === 0xffffffff || cdOffset === 0xffffffff) {
+      throw new CheckpointError(this.path, 'zip64 archive without a zip64 end-of-central-directory locator (truncated?)');
+    }
+    if (cdOffset + cdSize > cdLimit) {
+      throw new CheckpointError(
+        this.path,
+        `central directory (${cdSize} bytes at offset ${cdOffset}) lies outside the file of ${this.fileSize} bytes (truncated?)`,
+      );
+    }
+    return { cdOffset, cdSize, count };
+  }
+
+  private readCentralDirectory(cdOffset: number, cdSize: number, count: number): Map<string, ZipEntry> {
+    const cd = Buffer.alloc(cdSize);
+    this.readAt(cdOffset, cd, 'central directory');
+    const entries = new Map<string, ZipEntry>();
+    let at = 0;
+    for (let index = 0; index < count; index++) {
+      if (at + CENTRAL_HEADER_SIZE > cdSize || cd.readUInt32LE(at) !== SIG_CENTRAL) {
+        throw new CheckpointError(this.path, `central directory entry ${index} of ${count} is missing or corrupt`);
+      }
+      const flags = cd.readUInt16LE(at + 8);
+      const method = cd.readUInt16LE(at + 10);
+      const crc = cd.readUInt32LE(at + 16);
+      let compressedSize = cd.readUInt32LE(at + 20);
+      let size = cd.readUInt32LE(at + 24);
+      const nameLength = cd.readUInt16LE(at + 28);
+      const extraLength = cd.readUInt16LE(at + 30);
+      const commentLength = cd.readUInt16LE(at + 32);
+      let localHeaderOffset = cd.readUInt32LE(at + 42);
+      const next = at + CENTRAL_HEADER_SIZE + nameLength + extraLength + commentLength;
+      if (next > cdSize) {
+        throw new CheckpointError(this.path, `central directory entry ${index} runs past the end of the directory`);
+      }
+      const name = cd.toString('utf8', at + CENTRAL_HEADER_SIZE, at + CENTRAL_HEADER_SIZE + nameLength);
+
+      // zip64 extra field: the 64-bit values of whichever fields were saturated, in this order.
+      let extra = at + CENTRAL_HEADER_SIZE + nameLength;
+      const extraEnd = extra + extraLength;
+      while (extra + 4 <= extraEnd) {
+        const id = cd.readUInt16LE(extra);
+        const length = cd.readUInt16LE(extra + 2);
+        if (extra + 4 + length > extraEnd) break;
+        if (id === ZIP64_EXTRA_ID) {
+          let field = extra + 4;
+          const take = (what: string): number => {
+            if (field + 8 > extra + 4 + length) {
+              throw new CheckpointError(this.path, `zip64 extra field of "${name}" is too short for its ${what}`);
+            }
+            const v = readU64(cd, field, this.path, `${what} of "${name}"`);
+            field += 8;
+            return v;
+          };
+          if (size === 0xffffffff) size = take('size');
+          if (compressedSize === 0xffffffff) compressedSize = take('compressed size');
+          if (localHeaderOffset === 0xffffffff) localHeaderOffset = take('header offset');
+        }
+        extra += 4 + length;
+      }
+
+      if (flags & 0x1) throw new CheckpointError(this.path, `record "${name}" is encrypted`);
+      if (method !== 0) {
+        throw new CheckpointError(this.path, `record "${name}" uses compression method ${method}; only stored (0) records are supported`);
+      }
+      if (compressedSize !== size) {
+        throw new CheckpointError(this.path, `stored record "${name}" has compressed size ${compressedSize} != size ${size}`);
+      }
+      if (localHeaderOffset + LOCAL_HEADER_SIZE + nameLength + size > cdOffset) {
+        throw new CheckpointError(
+          this.path,
+          `record "${name}" (${size} bytes at offset ${localHeaderOffset}) lies outside the data area of the file (${cdOffset} bytes)`,
+        );
+      }
+      if (entries.has(name)) throw new CheckpointError(this.path, `duplicate record "${name}"`);
+      entries.set(name, { name, size, crc32: crc, localHeaderOffset });
+      at = next;
+    }
+    return entries;
+  }
+}

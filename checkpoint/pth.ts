@@ -12,34 +12,26 @@ import * as os from 'os';
 import { CheckpointError } from './errors';
 import { PickleGlobal, PickleObject, PickleValue, unpickle } from './pickle';
 import { ZipEntry, ZipReader } from './zip';
+import { toFloat32 } from './dtypes';
+import { BYTES_PER_ELEMENT, type RawTensor, type WeightDtype, type WeightInfo, type WeightReader } from './types';
 
 export { CheckpointError } from './errors';
 
-/** Tensor dtypes we can read as weights. */
-export type WeightDtype = 'bfloat16' | 'float16' | 'float32';
+export type { WeightDtype } from './types';
 
 /** What the pickle says about one tensor of the state dict. */
-export interface TensorInfo {
-  readonly dtype: WeightDtype;
-  readonly shape: number[];
-  /** Number of elements (product of shape; 1 for a 0-d tensor). */
-  readonly numel: number;
+export interface TensorInfo extends WeightInfo {
   /** Storage key: the tensor's bytes live in record `<prefix>/data/<storageKey>`. */
   readonly storageKey: string;
   /** Offset of the first element within the storage, in elements. */
   readonly storageOffset: number;
 }
 
-export interface PthCheckpoint {
-  readonly path: string;
+export interface PthCheckpoint extends WeightReader {
   /** The folder name inside the zip ("archive", or the stem of the file name torch.save wrote). */
   readonly prefix: string;
   /** Tensors in state-dict order. */
   readonly tensors: Map<string, TensorInfo>;
-  /** Reads tensor `name` from disk, converted to float32 (exactly: bf16 and f16 both fit in f32). */
-  read(name: string): Float32Array;
-  /** Closes the file; read() fails afterwards. */
-  close(): void;
 }
 
 // ---------------------------------------------------------------------------
@@ -70,8 +62,6 @@ const STORAGE_KINDS: ReadonlyMap<string, StorageKind> = new Map([
   ['QUInt8Storage', { dtype: 'quint8' }],
   ['QInt32Storage', { dtype: 'qint32' }],
 ]);
-
-const BYTES_PER_ELEMENT: Record<WeightDtype, number> = { bfloat16: 2, float16: 2, float32: 4 };
 
 /** A storage as named by a persistent id: ('storage', torch.XStorage, key, location, numel). */
 class StorageRef extends PickleObject {
@@ -158,34 +148,6 @@ function persistentLoad(file: string): (pid: PickleValue) => PickleValue {
 // ---------------------------------------------------------------------------
 // Conversions to float32 (all exact).
 
-/** float16 bits -> float32 bits for all 65536 halves, built on first use. */
-let halfTable: Uint32Array | null = null;
-
-function halfToFloatTable(): Uint32Array {
-  if (halfTable) return halfTable;
-  const table = new Uint32Array(65536);
-  const asFloat = new Float32Array(table.buffer);
-  for (let h = 0; h < 65536; h++) {
-    const sign = (h & 0x8000) << 16;
-    const exponent = (h >> 10) & 0x1f;
-    const mantissa = h & 0x3ff;
-    if (exponent === 0) {
-      // zero or subnormal: mantissa * 2^-24, exact in float32
-      asFloat[h] = (sign ? -1 : 1) * mantissa * 2 ** -24;
-    } else if (exponent === 0x1f) {
-      // inf, or nan with its payload kept and the quiet bit set (what torch's .float() gives)
-      table[h] = sign | 0x7f800000 | (mantissa << 13) | (mantissa ? 0x00400000 : 0);
-    } else {
-      table[h] = sign | ((exponent + 127 - 15) << 23) | (mantissa << 13);
-    }
-  }
-  halfTable = table;
-  return table;
-}
-
-/** Elements converted per chunk, to keep the temporary 16-bit buffer small. */
-const CONVERT_CHUNK = 1 << 22;
-
 // ---------------------------------------------------------------------------
 
 class PthFile implements PthCheckpoint {
@@ -206,32 +168,17 @@ class PthFile implements PthCheckpoint {
     this.zip.close();
   }
 
-  read(name: string): Float32Array {
+  readRaw(name: string): RawTensor {
     const info = this.tensors.get(name);
     if (!info) throw new CheckpointError(this.path, `no tensor named "${name}"`);
     const entry = this.storageEntry(info.storageKey);
-    const itemSize = BYTES_PER_ELEMENT[info.dtype];
-    const firstByte = info.storageOffset * itemSize;
-    const out = new Float32Array(info.numel);
-    if (info.dtype === 'float32') {
-      this.zip.readInto(entry, firstByte, new Uint8Array(out.buffer));
-      return out;
-    }
-    const outBits = new Uint32Array(out.buffer);
-    const chunk = new Uint16Array(Math.min(info.numel, CONVERT_CHUNK));
-    const chunkBytes = new Uint8Array(chunk.buffer);
-    const table = info.dtype === 'float16' ? halfToFloatTable() : null;
-    for (let start = 0; start < info.numel; start += chunk.length) {
-      const n = Math.min(chunk.length, info.numel - start);
-      this.zip.readInto(entry, firstByte + start * 2, chunkBytes.subarray(0, n * 2));
-      if (table) {
-        for (let i = 0; i < n; i++) outBits[start + i] = table[chunk[i]];
-      } else {
-        // bfloat16 is the top half of a float32.
-        for (let i = 0; i < n; i++) outBits[start + i] = chunk[i] << 16;
-      }
-    }
-    return out;
+    const data = info.dtype === 'float32' ? new Float32Array(info.numel) : new Uint16Array(info.numel);
+    this.zip.readInto(entry, info.storageOffset * BYTES_PER_ELEMENT[info.dtype], new Uint8Array(data.buffer));
+    return { dtype: info.dtype, shape: info.shape, data };
+  }
+
+  read(name: string): Float32Array {
+    return toFloat32(this.readRaw(name));
   }
 
   /** torch names the zip's top folder after the file it saved to; the first record is always in it. */

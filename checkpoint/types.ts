@@ -1,0 +1,38 @@
+/**
+ * What every checkpoint reader gives the model: tensor names, dtypes and shapes up front, and each
+ * tensor's data on request, either raw (as stored) or widened to float32.
+ */
+
+/** Tensor dtypes we can read as weights. */
+export type WeightDtype = 'bfloat16' | 'float16' | 'float32';
+
+export const BYTES_PER_ELEMENT: Readonly<Record<WeightDtype, number>> = { bfloat16: 2, float16: 2, float32: 4 };
+
+/** A tensor's description, known before its data is read. */
+export interface WeightInfo {
+  readonly dtype: WeightDtype;
+  readonly shape: number[];
+  /** Number of elements (product of shape; 1 for a 0-d tensor). */
+  readonly numel: number;
+}
+
+/** A tensor's data as stored: bfloat16 and float16 as their 16-bit patterns, float32 as is. */
+export interface RawTensor {
+  readonly dtype: WeightDtype;
+  readonly shape: number[];
+  readonly data: Uint16Array | Float32Array;
+}
+
+/** A source of named weights: a .pth, a .safetensors, a sharded Hugging Face folder, a tar... */
+export interface WeightReader {
+  /** Names the source in error messages. */
+  readonly path: string;
+  /** Every tensor, in the source's order. */
+  readonly tensors: ReadonlyMap<string, WeightInfo>;
+  /** Tensor `name` as stored. */
+  readRaw(name: string): RawTensor;
+  /** Tensor `name` widened to float32 (exact: bf16 and f16 values all fit). */
+  read(name: string): Float32Array;
+  /** Releases files and buffers; reads fail afterwards. */
+  close(): void;
+}

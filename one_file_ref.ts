@@ -20,7 +20,9 @@ import * as path from 'path';
 import * as tf from '@tensorflow/tfjs-core';
 import { openPth } from './checkpoint/pth';
 import { SentencePieceProcessor } from './tokenizer';
-import { checkFitsBackend, explainBackendFailure } from './runtime/backend';
+import { toFloat32 } from './checkpoint/dtypes';
+import type { RawTensor, WeightReader } from './checkpoint/types';
+import { backendMemoryLimit, explainBackendFailure, BackendError } from './runtime/backend';
 
 // ----------------------------------------------------------------------------------------------
 // ModelArgs: the hyperparameters, read from params.json
@@ -172,22 +174,54 @@ export function applyRotaryEmb(
 // ----------------------------------------------------------------------------------------------
 // A weight of the model and nn.Linear
 
-/** The model's weights by their names in consolidated.00.pth, as float32 tensors. */
-export type StateDict = Map<string, tf.Tensor>;
+/**
+ * A weight of the model. Normally a float32 tensor, loaded once. In low-memory mode (for models
+ * whose float32 weights do not fit the backend) the layers' weights stay on the host as the
+ * checkpoint stores them (bf16 for Mistral 7B), and each use widens one to a float32 tensor inside
+ * the caller's tf.tidy, which frees it again: the backend holds one layer weight at a time.
+ */
+export class Weight {
+  private constructor(
+    readonly shape: number[],
+    private readonly resident: tf.Tensor | null,
+    private readonly host: RawTensor | null,
+  ) {}
 
-function weight(stateDict: StateDict, name: string): tf.Tensor {
+  static resident(data: Float32Array, shape: number[]): Weight {
+    return new Weight(shape, tf.tensor(data, shape, 'float32'), null);
+  }
+
+  static onHost(raw: RawTensor): Weight {
+    return new Weight(raw.shape, null, raw);
+  }
+
+  /** The float32 tensor; in low-memory mode a fresh one, owned by the enclosing tf.tidy. */
+  tensor(): tf.Tensor {
+    return this.resident ?? tf.tensor(toFloat32(this.host!), this.shape, 'float32');
+  }
+
+  dispose(): void {
+    this.resident?.dispose();
+  }
+}
+
+/** The model's weights by their names in consolidated.00.pth. */
+export type StateDict = Map<string, Weight>;
+
+function weight(stateDict: StateDict, name: string): Weight {
   const w = stateDict.get(name);
   if (w === undefined) throw new Error(`state dict has no "${name}"`);
   return w;
 }
 
 /** nn.Linear without bias: y = x W^T, with W stored as torch stores it, [out, in]. */
-function linear(x: tf.Tensor, w: tf.Tensor): tf.Tensor {
+function linear(x: tf.Tensor, w: Weight): tf.Tensor {
   return tf.tidy(() => {
     const [outFeatures, inFeatures] = w.shape as [number, number];
     const lead = x.shape.slice(0, -1) as number[];
     // [..., in] -> [N, in] @ [out, in]^T -> [N, out] -> [..., out]
-    return tf.reshape(tf.matMul(tf.reshape(x, [-1, inFeatures]), w as tf.Tensor2D, false, true), [...lead, outFeatures]);
+    const y = tf.matMul(tf.reshape(x, [-1, inFeatures]), w.tensor() as tf.Tensor2D, false, true);
+    return tf.reshape(y, [...lead, outFeatures]);
   });
 }
 
@@ -201,10 +235,10 @@ export class Attention {
   readonly slidingWindow: number;
   readonly scale: number;
 
-  readonly wq: tf.Tensor; // [H*d, D]
-  readonly wk: tf.Tensor; // [K*d, D]
-  readonly wv: tf.Tensor; // [K*d, D]
-  readonly wo: tf.Tensor; // [D, H*d]
+  readonly wq: Weight; // [H*d, D]
+  readonly wk: Weight; // [K*d, D]
+  readonly wv: Weight; // [K*d, D]
+  readonly wo: Weight; // [D, H*d]
   // The cache is a rotating buffer: position p lives in slot p % W. cacheK, cacheV: [maxBatchSize, W, K, d]
   readonly cacheK: tf.Variable;
   readonly cacheV: tf.Variable;
@@ -299,9 +333,9 @@ export class Attention {
 // FeedForward: SwiGLU, w2(silu(w1 x) * w3 x)
 
 export class FeedForward {
-  readonly w1: tf.Tensor; // [F, D]
-  readonly w2: tf.Tensor; // [D, F]
-  readonly w3: tf.Tensor; // [F, D]
+  readonly w1: Weight; // [F, D]
+  readonly w2: Weight; // [D, F]
+  readonly w3: Weight; // [F, D]
 
   constructor(stateDict: StateDict, prefix: string) {
     this.w1 = weight(stateDict, `${prefix}.w1.weight`);
@@ -323,14 +357,14 @@ export class FeedForward {
 
 export class RMSNorm {
   constructor(
-    readonly weight: tf.Tensor, // [D]
+    readonly weight: Weight, // [D]
     readonly eps = 1e-6,
   ) {}
 
   forward(x: tf.Tensor3D): tf.Tensor3D {
     return tf.tidy(() => {
       const meanSquare = tf.mean(tf.square(x), -1, true); // [B, T, 1]
-      return tf.mul(tf.mul(x, tf.rsqrt(tf.add(meanSquare, this.eps))), this.weight) as tf.Tensor3D;
+      return tf.mul(tf.mul(x, tf.rsqrt(tf.add(meanSquare, this.eps))), this.weight.tensor()) as tf.Tensor3D;
     });
   }
 }
@@ -394,10 +428,10 @@ export class CheckpointMismatchError extends Error {
 export class Transformer {
   readonly vocabSize: number;
   readonly nLayers: number;
-  readonly tokEmbeddings: tf.Tensor; // [V, D]
+  readonly tokEmbeddings: Weight; // [V, D]
   readonly layers: TransformerBlock[];
   readonly norm: RMSNorm;
-  readonly output: tf.Tensor; // [V, D]
+  readonly output: Weight; // [V, D]
   readonly freqsCis: FreqsCis; // [MAX_POSITIONS, d/2] each
 
   constructor(
@@ -424,7 +458,7 @@ export class Transformer {
     checkForwardInputs(this.args, inputIds, pos);
     try {
       return tf.tidy(() => {
-        let h = tf.gather(this.tokEmbeddings, inputIds) as tf.Tensor3D; // [B, T, D]
+        let h = tf.gather(this.tokEmbeddings.tensor(), inputIds) as tf.Tensor3D; // [B, T, D]
         const freqsCis: FreqsCis = {
           cos: tf.gather(this.freqsCis.cos, positions), // [T, d/2]
           sin: tf.gather(this.freqsCis.sin, positions),
@@ -455,33 +489,32 @@ export class Transformer {
   }
 
   /** Loads params.json and consolidated.00.pth from an official model folder. */
-  static async fromFolder(folder: string, opts: { maxBatchSize?: number } = {}): Promise<Transformer> {
-    const maxBatchSize = opts.maxBatchSize ?? 1;
+  static async fromFolder(folder: string, opts: LoadOptions = {}): Promise<Transformer> {
     const paramsFile = path.join(folder, 'params.json');
-    const args = ModelArgs.fromParams(readJson(paramsFile), paramsFile);
-    args.maxBatchSize = maxBatchSize;
-
-    const checkpointFile = path.join(folder, 'consolidated.00.pth');
-    const checkpoint = openPth(checkpointFile);
+    const checkpoint = openPth(path.join(folder, 'consolidated.00.pth'));
     try {
-      // Like torch's load_state_dict(strict=True): every key present, none extra, every shape right,
-      // all checked before a single weight is read.
-      const expected = stateDictShapes(args);
-      checkStateDict(checkpointFile, expected, checkpoint.tensors);
-      const cacheElems = 2 * args.nLayers * maxBatchSize * args.slidingWindow * args.nKvHeads * args.headDim;
-      let paramElems = 0;
-      for (const shape of expected.values()) paramElems += shape.reduce((a, b) => a * b, 1);
-      const ropeElems = MAX_POSITIONS * args.headDim;
-      checkFitsBackend(4 * (paramElems + cacheElems + ropeElems), `${folder}`);
-
-      const stateDict: StateDict = new Map();
-      for (const [name, shape] of expected) {
-        stateDict.set(name, tf.tensor(checkpoint.read(name), shape, 'float32'));
-      }
-      return new Transformer(args, stateDict);
+      return Transformer.fromCheckpoint(readJson(paramsFile), paramsFile, checkpoint, opts);
     } finally {
       checkpoint.close();
     }
+  }
+
+  /** Builds the model from params.json's contents and a reader of its weights. */
+  static fromCheckpoint(params: unknown, paramsFile: string, checkpoint: WeightReader, opts: LoadOptions = {}): Transformer {
+    const args = ModelArgs.fromParams(params, paramsFile);
+    args.maxBatchSize = opts.maxBatchSize ?? 1;
+    // Like torch's load_state_dict(strict=True): every key present, none extra, every shape right,
+    // all checked before a single weight is read.
+    const expected = stateDictShapes(args);
+    checkStateDict(checkpoint.path, expected, checkpoint.tensors);
+    const lowMemory = chooseLowMemory(args, opts.lowMemory ?? 'auto', checkpoint.path);
+
+    const stateDict: StateDict = new Map();
+    for (const [name, shape] of expected) {
+      const hostSide = lowMemory && name.startsWith('layers.');
+      stateDict.set(name, hostSide ? Weight.onHost(checkpoint.readRaw(name)) : Weight.resident(checkpoint.read(name), shape));
+    }
+    return new Transformer(args, stateDict);
   }
 
   /** Frees the weights, the caches and the rotary tables. */
@@ -491,6 +524,57 @@ export class Transformer {
     this.freqsCis.cos.dispose();
     this.freqsCis.sin.dispose();
   }
+}
+
+export interface LoadOptions {
+  /** Rows of the KV cache, the largest batch forward() accepts (default 1). */
+  maxBatchSize?: number;
+  /**
+   * Keep the layers' weights on the host as stored and widen each to float32 only while it runs.
+   * 'auto' (the default) turns it on when the float32 weights would not fit the backend.
+   */
+  lowMemory?: boolean | 'auto';
+}
+
+/** Bytes of float32 tensors the backend must hold, with all weights resident or one layer weight at a time. */
+export function residentBytes(args: ModelArgs): { full: number; lowMemory: number } {
+  const numel = (shape: number[]): number => shape.reduce((a, b) => a * b, 1);
+  let layers = 0;
+  let others = 0;
+  let largestLayerWeight = 0;
+  for (const [name, shape] of stateDictShapes(args)) {
+    if (name.startsWith('layers.')) {
+      layers += numel(shape);
+      largestLayerWeight = Math.max(largestLayerWeight, numel(shape));
+    } else {
+      others += numel(shape);
+    }
+  }
+  const cache = 2 * args.nLayers * args.maxBatchSize * args.slidingWindow * args.nKvHeads * args.headDim;
+  const rope = MAX_POSITIONS * args.headDim;
+  return { full: 4 * (others + layers + cache + rope), lowMemory: 4 * (others + largestLayerWeight + cache + rope) };
+}
+
+function chooseLowMemory(args: ModelArgs, wanted: boolean | 'auto', source: string): boolean {
+  const limit = backendMemoryLimit();
+  const bytes = residentBytes(args);
+  const gib = (n: number): string => `${(n / 1024 ** 3).toFixed(1)} GiB`;
+  const fits = (n: number): boolean => limit === undefined || n <= 0.9 * limit;
+  const lowMemory = wanted === 'auto' ? !fits(bytes.full) : wanted;
+  if (wanted === 'auto' && lowMemory) {
+    process.stderr.write(
+      `low-memory mode: float32 weights need ${gib(bytes.full)}, the backend holds ${gib(limit!)}; ` +
+        'layers stay on the host as stored and are widened to float32 one weight at a time\n',
+    );
+  }
+  const need = lowMemory ? bytes.lowMemory : bytes.full;
+  if (!fits(need)) {
+    throw new BackendError(
+      `${source}: the model needs ${gib(need)} of float32 tensors${lowMemory ? ' even in low-memory mode' : ''}, ` +
+        `more than the backend's ${gib(limit!)}; use a smaller --max-batch or a native backend with more memory`,
+    );
+  }
+  return lowMemory;
 }
 
 function readJson(file: string): unknown {
@@ -511,7 +595,7 @@ function readJson(file: string): unknown {
 function checkStateDict(
   file: string,
   expected: Map<string, number[]>,
-  found: Map<string, { shape: number[] }>,
+  found: ReadonlyMap<string, { shape: number[] }>,
 ): void {
   for (const [name, shape] of expected) {
     const record = found.get(name);

@@ -8,6 +8,7 @@
  * and last the pure-JavaScript `cpu` backend. The first that loads wins, unless `--backend NAME`
  * or `MISTRAL_BACKEND=NAME` forces one.
  */
+import * as os from 'os';
 import * as tf from '@tensorflow/tfjs-core';
 
 export const BACKENDS = ['node-gpu', 'node', 'wasm', 'cpu'] as const;
@@ -82,16 +83,20 @@ export function currentBackend(): BackendName | undefined {
 }
 
 /**
- * Fails early and clearly when `bytes` of tensors cannot fit the backend, instead of a
- * "memory access out of bounds" from deep inside the wasm module later.
+ * How many bytes of tensors the backend can hold, to choose low-memory mode and to fail early and
+ * clearly instead of with "memory access out of bounds" from deep inside the wasm module.
+ * wasm: 4 GiB. node and cpu keep tensors in host memory: the machine's RAM. node-gpu: unknown
+ * (tfjs does not report the GPU's memory), so undefined; force low-memory mode with the flag.
  */
-export function checkFitsBackend(bytes: number, what: string): void {
-  if (currentBackend() === 'wasm' && bytes > WASM_MEMORY_LIMIT_BYTES * 0.9) {
-    const gib = (bytes / 1024 ** 3).toFixed(1);
-    throw new BackendError(
-      `${what} needs ${gib} GiB of float32 tensors, more than the wasm backend's 4 GiB memory; ` +
-        'use a native backend (--backend node or node-gpu) on a machine with enough memory',
-    );
+export function backendMemoryLimit(): number | undefined {
+  switch (currentBackend() ?? tf.getBackend()) {
+    case 'wasm':
+      return WASM_MEMORY_LIMIT_BYTES;
+    case 'node':
+    case 'cpu':
+      return os.totalmem();
+    default:
+      return undefined;
   }
 }
 

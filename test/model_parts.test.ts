@@ -4,7 +4,7 @@
  */
 import { describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
-import { applyRotaryEmb, ModelArgs, precomputeFreqsCis, repeatKV, RMSNorm } from '../one_file_ref';
+import { applyRotaryEmb, ModelArgs, precomputeFreqsCis, repeatKV, RMSNorm, Weight } from '../one_file_ref';
 
 function seeded(n: number, seed: number): number[] {
   // A small LCG: deterministic inputs without a dependency.
@@ -72,7 +72,7 @@ describe('RMSNorm', () => {
     const x = seeded(2 * 3 * 4, 3);
     const w = [0.5, 1.5, -1, 2];
     const xt = tf.tensor3d(x, [2, 3, 4]);
-    const wt = tf.tensor1d(w);
+    const wt = Weight.resident(Float32Array.from(w), [4]);
     const out = new RMSNorm(wt, 1e-5).forward(xt);
     const got = out.dataSync();
     for (let r = 0; r < 6; r++) {
@@ -80,7 +80,8 @@ describe('RMSNorm', () => {
       const rms = Math.sqrt(row.reduce((a, v) => a + v * v, 0) / 4 + 1e-5);
       row.forEach((v, i) => expect(got[4 * r + i]).toBeCloseTo((v / rms) * w[i], 5));
     }
-    tf.dispose([xt, wt, out]);
+    tf.dispose([xt, out]);
+    wt.dispose();
   });
 });
 

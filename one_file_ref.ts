@@ -21,7 +21,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { openPth } from './checkpoint/pth';
 import { SentencePieceProcessor } from './tokenizer';
 import { toFloat32 } from './checkpoint/dtypes';
-import type { RawTensor, WeightReader } from './checkpoint/types';
+import { BYTES_PER_ELEMENT, type RawTensor, type WeightReader } from './checkpoint/types';
 import { backendMemoryLimit, explainBackendFailure, BackendError } from './runtime/backend';
 
 // ----------------------------------------------------------------------------------------------
@@ -510,9 +510,14 @@ export class Transformer {
     const lowMemory = chooseLowMemory(args, opts.lowMemory ?? 'auto', checkpoint.path);
 
     const stateDict: StateDict = new Map();
+    const bytesTotal = [...checkpoint.tensors.values()].reduce((n, t) => n + t.numel * BYTES_PER_ELEMENT[t.dtype], 0);
+    let bytesDone = 0;
     for (const [name, shape] of expected) {
       const hostSide = lowMemory && name.startsWith('layers.');
       stateDict.set(name, hostSide ? Weight.onHost(checkpoint.readRaw(name)) : Weight.resident(checkpoint.read(name), shape));
+      const info = checkpoint.tensors.get(name)!;
+      bytesDone += info.numel * BYTES_PER_ELEMENT[info.dtype];
+      opts.onProgress?.(bytesDone, bytesTotal);
     }
     return new Transformer(args, stateDict);
   }
@@ -534,6 +539,8 @@ export interface LoadOptions {
    * 'auto' (the default) turns it on when the float32 weights would not fit the backend.
    */
   lowMemory?: boolean | 'auto';
+  /** Called as weights are read, with the checkpoint's bytes read so far and in all. */
+  onProgress?: (bytesDone: number, bytesTotal: number) => void;
 }
 
 /** Bytes of float32 tensors the backend must hold, with all weights resident or one layer weight at a time. */

@@ -214,6 +214,12 @@ function weight(stateDict: StateDict, name: string): Weight {
   return w;
 }
 
+/** Swaps a long-lived tensor for its new value: frees the old one, keeps the new one out of tf.tidy. */
+function replace<T extends tf.Tensor>(old: T, next: T): T {
+  old.dispose();
+  return tf.keep(next);
+}
+
 /** nn.Linear without bias: y = x W^T, with W stored as torch stores it, [out, in]. */
 function linear(x: tf.Tensor, w: Weight): tf.Tensor {
   return tf.tidy(() => {
@@ -239,9 +245,11 @@ export class Attention {
   readonly wk: Weight; // [K*d, D]
   readonly wv: Weight; // [K*d, D]
   readonly wo: Weight; // [D, H*d]
-  // The cache is a rotating buffer: position p lives in slot p % W. cacheK, cacheV: [maxBatchSize, W, K, d]
-  readonly cacheK: tf.Variable;
-  readonly cacheV: tf.Variable;
+  // The cache is a rotating buffer: position p lives in slot p % W. cacheK, cacheV: [maxBatchSize, S, K, d].
+  // The reference allocates all S = W slots up front; here the buffer grows with the positions seen,
+  // up to W (same results; memory for only what is used: Mistral 7B's full window is 1 GiB per row).
+  cacheK: tf.Tensor4D;
+  cacheV: tf.Tensor4D;
 
   constructor(
     readonly args: ModelArgs,
@@ -258,9 +266,18 @@ export class Attention {
     this.wk = weight(stateDict, `${prefix}.wk.weight`);
     this.wv = weight(stateDict, `${prefix}.wv.weight`);
     this.wo = weight(stateDict, `${prefix}.wo.weight`);
-    const cacheShape = [args.maxBatchSize, args.slidingWindow, this.nKvHeads, args.headDim];
-    this.cacheK = tf.variable(tf.zeros(cacheShape), false);
-    this.cacheV = tf.variable(tf.zeros(cacheShape), false);
+    this.cacheK = tf.zeros([args.maxBatchSize, 0, this.nKvHeads, args.headDim]);
+    this.cacheV = tf.zeros([args.maxBatchSize, 0, this.nKvHeads, args.headDim]);
+  }
+
+  /** Makes room for positions up to `lastPos`: the cache doubles as needed, up to W slots. */
+  private growCache(lastPos: number): void {
+    const slots = this.cacheK.shape[1];
+    if (lastPos < slots || slots === this.slidingWindow) return;
+    const grown = Math.min(this.slidingWindow, Math.max(lastPos + 1, 2 * slots));
+    const padding: [number, number][] = [[0, 0], [0, grown - slots], [0, 0], [0, 0]];
+    this.cacheK = replace(this.cacheK, tf.pad(this.cacheK, padding));
+    this.cacheV = replace(this.cacheV, tf.pad(this.cacheV, padding));
   }
 
   forward(
@@ -291,8 +308,9 @@ export class Attention {
       );
       const lastK = tf.slice(xk, [0, seqlen - kept], [bsz, kept]); // [B, kept, K, d]
       const lastV = tf.slice(xv, [0, seqlen - kept], [bsz, kept]);
-      this.cacheK.assign(tf.tensorScatterUpdate(this.cacheK, scatterPos, lastK));
-      this.cacheV.assign(tf.tensorScatterUpdate(this.cacheV, scatterPos, lastV));
+      this.growCache(positions[seqlen - 1]);
+      this.cacheK = replace(this.cacheK, tf.tensorScatterUpdate(this.cacheK, scatterPos, lastK));
+      this.cacheV = replace(this.cacheV, tf.tensorScatterUpdate(this.cacheV, scatterPos, lastV));
 
       let key: tf.Tensor4D;
       let value: tf.Tensor4D;
@@ -543,7 +561,11 @@ export interface LoadOptions {
   onProgress?: (bytesDone: number, bytesTotal: number) => void;
 }
 
-/** Bytes of float32 tensors the backend must hold, with all weights resident or one layer weight at a time. */
+/**
+ * Bytes of float32 tensors the backend must hold, with all weights resident or with one layer
+ * weight at a time, plus the rotary tables and one batch row of KV cache at the full window (the
+ * cache grows with use; more rows or positions than fit fail later with a clear out-of-memory error).
+ */
 export function residentBytes(args: ModelArgs): { full: number; lowMemory: number } {
   const numel = (shape: number[]): number => shape.reduce((a, b) => a * b, 1);
   let layers = 0;
@@ -557,7 +579,7 @@ export function residentBytes(args: ModelArgs): { full: number; lowMemory: numbe
       others += numel(shape);
     }
   }
-  const cache = 2 * args.nLayers * args.maxBatchSize * args.slidingWindow * args.nKvHeads * args.headDim;
+  const cache = 2 * args.nLayers * args.slidingWindow * args.nKvHeads * args.headDim;
   const rope = MAX_POSITIONS * args.headDim;
   return { full: 4 * (others + layers + cache + rope), lowMemory: 4 * (others + largestLayerWeight + cache + rope) };
 }

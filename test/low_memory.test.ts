@@ -49,7 +49,7 @@ describe('low-memory mode', () => {
     const args = new ModelArgs(4096, 32, 128, 14336, 32, 8, 4096, 1e-5, 32000, 10000, 1);
     const bytes = residentBytes(args);
     const params = 7_241_732_096;
-    const cache = 2 * 32 * 1 * 4096 * 8 * 128; // K and V, 32 layers, 1 row, 4096 slots, 8 kv heads of 128
+    const cache = 2 * 32 * 4096 * 8 * 128; // K and V, 32 layers, one batch row, 4096 slots, 8 kv heads of 128
     const rope = 128_000 * 128; // cos and sin tables, 64 columns each
     expect(bytes.full).toBe(4 * (params + cache + rope));
     // Low memory: embeddings, output and the final norm stay, plus the largest layer weight (w1, 14336 x 4096).

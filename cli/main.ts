@@ -59,7 +59,11 @@ function checkModelFolder(model: string | undefined): string {
     throw new UsageError(`${model}: expected a model folder (params.json, consolidated.00.pth, tokenizer.model)`);
   }
   for (const file of ['params.json', 'consolidated.00.pth', 'tokenizer.model']) {
-    if (!fs.existsSync(path.join(model, file))) throw new UsageError(`${path.join(model, file)}: missing from the model folder`);
+    const filePath = path.join(model, file);
+    if (!fs.existsSync(filePath)) throw new UsageError(`${filePath}: missing from the model folder`);
+    if (!fs.statSync(filePath).isFile()) {
+      throw new UsageError(`${filePath}: expected a file, found ${fs.statSync(filePath).isDirectory() ? 'a folder' : 'something else'}`);
+    }
   }
   return model;
 }
@@ -73,16 +77,31 @@ function parseTokens(rows: string[]): number[][] {
     }
     return ids.map(Number);
   });
-  if (parsed.some((r) => r.length !== parsed[0].length)) {
-    throw new UsageError('every --tokens row must have the same number of tokens');
+  const ragged = parsed.findIndex((r) => r.length !== parsed[0].length);
+  if (ragged >= 0) {
+    throw new UsageError(
+      `--tokens #${ragged + 1} has ${parsed[ragged].length} ids but #1 has ${parsed[0].length}: every row must have the same number of tokens`,
+    );
   }
   return parsed;
+}
+
+/** Fails before any work when `out` cannot be a new file: its folder must exist and it must not be a folder. */
+function checkOutFile(out: string): void {
+  const dir = path.dirname(path.resolve(out));
+  if (!fs.existsSync(dir) || !fs.statSync(dir).isDirectory()) {
+    throw new UsageError(`--out ${out}: folder ${dir} does not exist`);
+  }
+  if (fs.existsSync(out) && fs.statSync(out).isDirectory()) {
+    throw new UsageError(`--out ${out}: is a folder, expected a file path such as logits.npy`);
+  }
 }
 
 async function runLogits(model: string, values: Record<string, unknown>): Promise<void> {
   const tokens = parseTokens((values.tokens as string[] | undefined) ?? []);
   const out = values.out as string | undefined;
   if (out === undefined) throw new UsageError('logits needs --out FILE.npy');
+  checkOutFile(out);
   const bsz = tokens.length;
   const seqlen = tokens[0].length;
   const startPos = parseIntFlag('start-pos', values['start-pos'] as string | undefined, 0);
@@ -97,6 +116,12 @@ async function runLogits(model: string, values: Record<string, unknown>): Promis
     const vocab = transformer.args.vocabSize;
     const bad = tokens.flat().find((id) => id >= vocab);
     if (bad !== undefined) throw new UsageError(`--tokens: id ${bad} is outside the vocabulary [0, ${vocab})`);
+    const maxPositions = transformer.freqsCis.cos.shape[0]; // the rotary table's length
+    if (startPos + seqlen > maxPositions) {
+      throw new UsageError(
+        `--start-pos ${startPos} with ${seqlen} tokens runs past position ${maxPositions - 1}, the last the model has rotary angles for`,
+      );
+    }
     const logits = new Float32Array(bsz * seqlen * vocab);
     // Runs tokens [from, to) in one forward and copies their logits into place.
     const run = (from: number, to: number): void => {
@@ -112,7 +137,12 @@ async function runLogits(model: string, values: Record<string, unknown>): Promis
     };
     run(0, prefill);
     for (let t = prefill; t < seqlen; t++) run(t, t + 1);
-    writeNpy(out, logits, [bsz, seqlen, vocab]);
+    try {
+      writeNpy(out, logits, [bsz, seqlen, vocab]);
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      throw code === undefined ? err : new UsageError(`--out ${out}: cannot write the file (${code})`);
+    }
   } finally {
     transformer.dispose();
   }
@@ -122,6 +152,14 @@ async function runGenerate(model: string, prompts: string[], maxTokens: number, 
   const tokenizer = await Tokenizer.load(path.join(model, 'tokenizer.model'));
   const transformer = await Transformer.fromFolder(model, { maxBatchSize: prompts.length });
   try {
+    // generate() prefills the shortest prompt, then takes maxTokens steps of one position each.
+    const shortest = Math.min(...prompts.map((p) => tokenizer.encode(p).length));
+    const maxPositions = transformer.freqsCis.cos.shape[0]; // the rotary table's length
+    if (shortest + maxTokens > maxPositions) {
+      throw new UsageError(
+        `--max-tokens ${maxTokens} after a ${shortest}-token prompt runs past position ${maxPositions - 1}, the last the model has rotary angles for`,
+      );
+    }
     const { texts, logprobs, generatedIds } = await generate(prompts, transformer, tokenizer, maxTokens);
     if (json) {
       process.stdout.write(JSON.stringify({ texts, logprobs, generated_ids: generatedIds }) + '\n');
@@ -136,23 +174,59 @@ async function runGenerate(model: string, prompts: string[], maxTokens: number, 
   }
 }
 
+const OPTIONS = {
+  'max-tokens': { type: 'string' },
+  prompt: { type: 'string', multiple: true },
+  json: { type: 'boolean' },
+  tokens: { type: 'string', multiple: true },
+  'start-pos': { type: 'string' },
+  prefill: { type: 'string' },
+  out: { type: 'string' },
+  backend: { type: 'string' },
+  verbose: { type: 'boolean' },
+  help: { type: 'boolean', short: 'h' },
+} as const;
+
+/**
+ * util.parseArgs refuses a value that starts with "-" after a flag that takes one ("argument is
+ * ambiguous"). A value such as "-1", "-1,2" or "- item" cannot be a flag, so it is attached as
+ * --flag=VALUE: `--max-tokens -1` then gets the flag's own "must be an integer >= 0" error.
+ */
+function attachDashValues(argv: string[]): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i];
+    if (arg === '--') return [...out, ...argv.slice(i)];
+    const name = arg.startsWith('--') ? arg.slice(2) : '';
+    const next = argv[i + 1];
+    const takesValue = name in OPTIONS && OPTIONS[name as keyof typeof OPTIONS].type === 'string';
+    if (takesValue && next !== undefined && /^-([^-a-zA-Z]|$)/.test(next)) {
+      out.push(`${arg}=${next}`);
+      i++;
+    } else {
+      out.push(arg);
+    }
+  }
+  return out;
+}
+
+/** util.parseArgs's errors (several lines, written for programmers) as one line naming the flag. */
+function explainParseError(e: Error & { code?: string }): string {
+  const flag = /Option '(-[^' ]+)/.exec(e.message)?.[1] ?? /Unknown option '([^']+)'/.exec(e.message)?.[1];
+  if (e.code === 'ERR_PARSE_ARGS_UNKNOWN_OPTION' && flag !== undefined) return `unknown flag ${flag}; see --help`;
+  if (e.code === 'ERR_PARSE_ARGS_INVALID_OPTION_VALUE' && flag !== undefined) {
+    if (/does not take an argument/.test(e.message)) return `${flag} takes no value; see --help`;
+    return `${flag} needs a value (one that starts with "-" is written ${flag}=VALUE); see --help`;
+  }
+  return `${e.message.split('\n')[0]}; see --help`;
+}
+
 export async function run(argv: string[]): Promise<void> {
   const { values, positionals } = parseArgs({
-    args: argv,
+    args: attachDashValues(argv),
     allowPositionals: true,
     strict: true,
-    options: {
-      'max-tokens': { type: 'string' },
-      prompt: { type: 'string', multiple: true },
-      json: { type: 'boolean' },
-      tokens: { type: 'string', multiple: true },
-      'start-pos': { type: 'string' },
-      prefill: { type: 'string' },
-      out: { type: 'string' },
-      backend: { type: 'string' },
-      verbose: { type: 'boolean' },
-      help: { type: 'boolean', short: 'h' },
-    },
+    options: OPTIONS,
   });
   if (values.help) {
     process.stdout.write(HELP);
@@ -174,10 +248,10 @@ export async function run(argv: string[]): Promise<void> {
     }
   }
 
+  const maxTokens = parseIntFlag('max-tokens', values['max-tokens'], 35);
   await initBackend(values.backend);
   if (command === 'logits') return runLogits(model, values);
 
-  const maxTokens = parseIntFlag('max-tokens', values['max-tokens'], 35);
   if (values.prompt !== undefined) return runGenerate(model, values.prompt, maxTokens, values.json === true);
   if (values.json) throw new UsageError('--json needs at least one --prompt');
   return demo(model, maxTokens);
@@ -189,8 +263,8 @@ export function main(argv: string[]): void {
   run(argv).then(
     () => process.exit(0),
     (err: unknown) => {
-      const e = err instanceof Error ? err : new Error(String(err));
-      const message = (e as { code?: string }).code?.startsWith('ERR_PARSE_ARGS') ? `${e.message}; see --help` : e.message;
+      const e: Error & { code?: string } = err instanceof Error ? err : new Error(String(err));
+      const message = e.code?.startsWith('ERR_PARSE_ARGS') ? explainParseError(e) : e.message;
       process.stderr.write(`error: ${message.split('\n')[0]}\n`);
       if (verbose && e.stack) process.stderr.write(`${e.stack}\n`);
       process.exit(1);

@@ -1,9 +1,10 @@
 /**
  * Tests tokenizer/ against Python's sentencepiece: for each tokenizer model, the ids and decoded texts
- * in fixtures/tokenizer_cases/<name>.json (written by fixtures/dump_tokenizer_cases.py) must be
- * reproduced exactly. The genuine Mistral tokenizers are read from ../shared/mistral-tokenizer/ and
- * their tests skip, saying so, where that folder is absent. Also tests bad input: missing and corrupt
- * model files, out-of-range ids, lone surrogates.
+ * in fixtures/tokenizer_cases/<name>.json (the corpus of strings.json) and <name>.heldout.json (seeded
+ * random strings the code was never tuned on), written by fixtures/dump_tokenizer_cases.py, must be
+ * reproduced exactly, and so must the piece types. The genuine Mistral tokenizers are read from
+ * ../shared/mistral-tokenizer/ and their tests skip, saying so, where that folder is absent. Also tests
+ * loadBytes() and bad input: missing and corrupt model files, out-of-range ids, lone surrogates.
  */
 import { createHash } from 'crypto';
 import * as fs from 'fs';
@@ -11,53 +12,7 @@ import * as os from 'os';
 import * as path from 'path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SentencePieceProcessor, TokenizerError } from '../tokenizer';
-
-const ROOT = path.resolve(__dirname, '..');
-const CASES_DIR = path.join(ROOT, 'fixtures/tokenizer_cases');
-const SHARED_TOKENIZERS = path.resolve(__dirname, '../../shared/mistral-tokenizer');
-
-interface Documented {
-  vocabSize: number;
-  bosId: number;
-  eosId: number;
-  unkId: number;
-  padId: number;
-  /** Known encodings with BOS, from Mistral's own documentation and examples. */
-  known: [string, number[]][];
-}
-
-/** Each model with its case file; the same table as DEFAULT_MODELS in fixtures/dump_tokenizer_cases.py. */
-const MODELS: { name: string; model: string; documented?: Documented }[] = [
-  {
-    name: 'mistral-v1',
-    model: path.join(SHARED_TOKENIZERS, 'tokenizer.model.v1'),
-    documented: { vocabSize: 32000, bosId: 1, eosId: 2, unkId: 0, padId: -1, known: [['Hello world!', [1, 22557, 1526, 28808]]] },
-  },
-  {
-    name: 'mistral-v3',
-    model: path.join(SHARED_TOKENIZERS, 'tokenizer.model.v3'),
-    documented: { vocabSize: 32768, bosId: 1, eosId: 2, unkId: 0, padId: -1, known: [] },
-  },
-  { name: 'tiny', model: path.join(ROOT, 'fixtures/tiny/tokenizer.model') },
-];
-
-interface CaseFile {
-  model_path: string;
-  model_sha256: string;
-  sentencepiece_version: string;
-  vocab_size: number;
-  bos_id: number;
-  eos_id: number;
-  unk_id: number;
-  pad_id: number;
-  cases: { name: string; text: string; ids: number[]; decoded: string; decoded_each: string[] }[];
-  decode_cases: { name: string; ids: number[]; decoded: string }[];
-}
-
-function readCases(name: string): CaseFile | undefined {
-  const file = path.join(CASES_DIR, `${name}.json`);
-  return fs.existsSync(file) ? (JSON.parse(fs.readFileSync(file, 'utf8')) as CaseFile) : undefined;
-}
+import { caseFilePath, MODELS, modelAvailable, modelTitle, readCases, ROOT, TINY_TOKENIZER } from './tokenizer_cases';
 
 /** Asserts that `run` throws a one-line TokenizerError whose message contains every one of `parts`. */
 async function expectTokenizerError(run: () => unknown, ...parts: string[]): Promise<void> {
@@ -73,13 +28,13 @@ async function expectTokenizerError(run: () => unknown, ...parts: string[]): Pro
   for (const part of parts) expect(message).toContain(part);
 }
 
-for (const { name, model, documented } of MODELS) {
-  const available = fs.existsSync(model);
-  const title = available ? name : `${name} (skipped: tokenizer model ${model} not found)`;
-  if (!available) console.warn(`tokenizer.test.ts: skipping the ${name} tests: tokenizer model ${model} not found`);
+for (const entry of MODELS) {
+  const { name, model, documented } = entry;
+  const available = modelAvailable(entry, 'tokenizer.test.ts');
 
-  describe.skipIf(!available)(title, () => {
+  describe.skipIf(!available)(modelTitle(entry, available), () => {
     const expected = readCases(name);
+    const heldout = readCases(name, true);
     let tok: SentencePieceProcessor;
     let listenersBefore: { uncaught: number; rejection: number };
 
@@ -91,13 +46,17 @@ for (const { name, model, documented } of MODELS) {
       tok = await SentencePieceProcessor.load(model);
     });
 
-    it('has a case file made from this very model', () => {
-      expect(expected, `missing ${path.join(CASES_DIR, name + '.json')}: run /usr/bin/python3 fixtures/dump_tokenizer_cases.py`).toBeDefined();
-      expect(path.resolve(ROOT, expected!.model_path)).toBe(model);
+    it('has case files made from this very model', () => {
       const sha = createHash('sha256').update(fs.readFileSync(model)).digest('hex');
-      expect(sha, `${model} differs from the model the cases were dumped from: rerun fixtures/dump_tokenizer_cases.py`).toBe(
-        expected!.model_sha256,
-      );
+      for (const [file, cases] of [[caseFilePath(name), expected], [caseFilePath(name, true), heldout]] as const) {
+        expect(cases, `missing ${file}: run /usr/bin/python3 fixtures/dump_tokenizer_cases.py`).toBeDefined();
+        expect(path.resolve(ROOT, cases!.model_path)).toBe(model);
+        expect(sha, `${model} differs from the model ${file} was dumped from: rerun fixtures/dump_tokenizer_cases.py`).toBe(
+          cases!.model_sha256,
+        );
+      }
+      expect(expected!.cases.length).toBeGreaterThanOrEqual(150);
+      expect(heldout!.cases.length).toBeGreaterThanOrEqual(100);
     });
 
     it('installs no process-wide error handlers when loading', () => {
@@ -113,6 +72,18 @@ for (const { name, model, documented } of MODELS) {
         unk: expected!.unk_id,
         pad: expected!.pad_id,
       });
+    });
+
+    it.runIf(expected !== undefined)('has the control, unknown, unused and byte pieces Python reports', () => {
+      const ids = Array.from({ length: tok.vocabSize }, (_, i) => i);
+      expect(ids.filter((i) => tok.isControl(i))).toEqual(expected!.control_ids);
+      expect(ids.filter((i) => tok.isUnknown(i))).toEqual(expected!.unknown_ids);
+      expect(ids.filter((i) => tok.isUnused(i))).toEqual(expected!.unused_ids);
+      expect(ids.filter((i) => tok.isByte(i))).toEqual(expected!.byte_ids);
+      expect(expected!.byte_ids).toHaveLength(256);
+      for (const bad of [-1, tok.vocabSize, 1.5]) {
+        expect([tok.isControl(bad), tok.isUnknown(bad), tok.isUnused(bad), tok.isByte(bad)]).toEqual([false, false, false, false]);
+      }
     });
 
     if (documented) {
@@ -131,13 +102,15 @@ for (const { name, model, documented } of MODELS) {
       });
     }
 
-    const cases = expected?.cases ?? [];
-    it.each(cases.map((c) => [c.name, c] as const))('encodes and decodes %s as Python does', (_, c) => {
-      expect(tok.encode(c.text, false)).toEqual(c.ids);
-      expect(tok.encode(c.text)).toEqual([expected!.bos_id, ...c.ids]);
-      expect(tok.decode(c.ids)).toBe(c.decoded);
-      expect(c.ids.map((id) => tok.decode([id]))).toEqual(c.decoded_each);
-    });
+    for (const [label, file] of [['corpus', expected], ['held-out', heldout]] as const) {
+      const cases = file?.cases ?? [];
+      it.each(cases.map((c) => [c.name, c] as const))(`encodes and decodes ${label} string %s as Python does`, (_, c) => {
+        expect(tok.encode(c.text, false)).toEqual(c.ids);
+        expect(tok.encode(c.text)).toEqual([file!.bos_id, ...c.ids]);
+        expect(tok.decode(c.ids)).toBe(c.decoded);
+        expect(c.ids.map((id) => tok.decode([id]))).toEqual(c.decoded_each);
+      });
+    }
 
     const decodeCases = expected?.decode_cases ?? [];
     it.each(decodeCases.map((c) => [c.name, c] as const))('decodes the ids of %s as Python does', (_, c) => {
@@ -160,6 +133,45 @@ for (const { name, model, documented } of MODELS) {
     });
   });
 }
+
+describe('loadBytes', () => {
+  const tiny = readCases('tiny')!;
+  /** The private temp folders loadBytes makes (it must remove each one). */
+  const tempFolders = (): string[] => fs.readdirSync(os.tmpdir()).filter((f) => f.startsWith('sentencepiece-'));
+
+  it('loads a model from memory, encoding as Python does, and leaves no temp file', async () => {
+    const before = tempFolders();
+    const tok = await SentencePieceProcessor.loadBytes(fs.readFileSync(TINY_TOKENIZER), 'model.tar:tokenizer.model');
+    expect(tempFolders()).toEqual(before);
+    expect(tok.vocabSize).toBe(tiny.vocab_size);
+    for (const c of tiny.cases.slice(0, 40)) {
+      expect(tok.encode(c.text, false)).toEqual(c.ids);
+      expect(tok.decode(c.ids)).toBe(c.decoded);
+    }
+  });
+
+  it('takes a plain Uint8Array view into a larger buffer', async () => {
+    const file = fs.readFileSync(TINY_TOKENIZER);
+    const padded = new Uint8Array(file.length + 10);
+    padded.set(file, 7);
+    const tok = await SentencePieceProcessor.loadBytes(padded.subarray(7, 7 + file.length), 'inner');
+    const hello = tiny.cases.find((c) => c.name === 'hello_world')!;
+    expect(tok.encode(hello.text, false)).toEqual(hello.ids);
+  });
+
+  it('names the model, not a temp file, in errors, and cleans up', async () => {
+    const before = tempFolders();
+    await expectTokenizerError(
+      () => SentencePieceProcessor.loadBytes(new TextEncoder().encode('{"not": "a model"}'), 'weights.tar:tokenizer.model'),
+      'weights.tar:tokenizer.model',
+      'not a SentencePiece model file',
+    );
+    const truncated = fs.readFileSync(TINY_TOKENIZER).subarray(0, 1000);
+    await expectTokenizerError(() => SentencePieceProcessor.loadBytes(truncated, 'cut.model'), 'cut.model');
+    await expectTokenizerError(() => SentencePieceProcessor.loadBytes('abc' as unknown as Uint8Array, 'str.model'), 'str.model', 'Uint8Array');
+    expect(tempFolders()).toEqual(before);
+  });
+});
 
 describe('bad model files', () => {
   let dir: string;

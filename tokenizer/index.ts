@@ -3,13 +3,17 @@
  * behind the small API of Python's SentencePieceProcessor, made to behave like Python's sentencepiece:
  *
  *  - load() checks the file itself (the package "loads" any file and then encodes everything to []);
+ *    loadBytes() loads a model held in memory (the package reads only files: a private temp file);
  *  - bos/eos/unk/pad ids are read from the model file (the package has no getters for them) and
  *    follow Python's sp.bos_id() & co: the id of the trainer_spec's piece name if that piece has the
  *    right type, else -1;
  *  - decode() rejects an out-of-range id (the package returns "", Python raises);
- *  - encode() replaces lone surrogates with U+FFFD first (they would corrupt the UTF-8 sent to wasm).
+ *  - encode() replaces lone surrogates with U+FFFD first (they would corrupt the UTF-8 sent to wasm);
+ *  - isControl/isUnknown/isUnused/isByte give each piece's type, read from the file like the ids.
  */
 import { promises as fs } from 'fs';
+import { tmpdir } from 'os';
+import { join } from 'path';
 import { SentencePieceProcessor as WasmProcessor } from '@agnai/sentencepiece-js';
 import { TokenizerError } from './error';
 import { parseModelProto, PieceType, type ModelPiece } from './model_proto';
@@ -28,9 +32,14 @@ export class SentencePieceProcessor {
   private constructor(
     private readonly sp: WasmProcessor,
     private readonly special: SpecialIds,
-    /** Number of pieces in the model (Python's sp.vocab_size()). */
-    readonly vocabSize: number,
+    /** The SentencePiece.Type of each piece, by id. */
+    private readonly pieceTypes: Uint8Array,
   ) {}
+
+  /** Number of pieces in the model (Python's sp.vocab_size()). */
+  get vocabSize(): number {
+    return this.pieceTypes.length;
+  }
 
   /** Loads a SentencePiece .model file; throws a TokenizerError naming `path` when it is missing or not a valid model. */
   static async load(path: string): Promise<SentencePieceProcessor> {
@@ -42,10 +51,33 @@ export class SentencePieceProcessor {
       if (code === 'ENOENT') throw new TokenizerError(`tokenizer model file not found: ${path}`);
       throw new TokenizerError(`cannot read tokenizer model file ${path}: ${code ?? String(err)}`);
     }
-    const { pieces, trainerSpec } = parseModelProto(bytes, path);
+    return SentencePieceProcessor.fromBytes(bytes, path, path);
+  }
+
+  /**
+   * Loads a model from its bytes (e.g. a tokenizer.model read from inside a .tar); `name` stands for
+   * it in error messages. The wasm package loads only from a path, so the bytes go through a private
+   * temporary file, deleted before this returns.
+   */
+  static async loadBytes(bytes: Uint8Array, name: string): Promise<SentencePieceProcessor> {
+    if (!(bytes instanceof Uint8Array)) throw new TokenizerError(`${name}: expected the model's bytes as a Uint8Array`);
+    parseModelProto(bytes, name); // reject bad bytes before writing anything
+    const dir = await fs.mkdtemp(join(tmpdir(), 'sentencepiece-'));
+    try {
+      const file = join(dir, 'tokenizer.model');
+      await fs.writeFile(file, bytes, { mode: 0o600 });
+      return await SentencePieceProcessor.fromBytes(bytes, name, file);
+    } finally {
+      await fs.rm(dir, { recursive: true, force: true });
+    }
+  }
+
+  /** Checks `bytes` (the model called `name` in errors) and loads the same model into wasm from `file`. */
+  private static async fromBytes(bytes: Uint8Array, name: string, file: string): Promise<SentencePieceProcessor> {
+    const { pieces, trainerSpec } = parseModelProto(bytes, name);
     const pieceToId = pieceLookup(pieces);
-    const typedId = (name: string, type: number): number => {
-      const id = pieceToId(name);
+    const typedId = (piece: string, type: number): number => {
+      const id = pieceToId(piece);
       return pieces[id].type === type ? id : -1;
     };
     const special: SpecialIds = {
@@ -60,33 +92,33 @@ export class SentencePieceProcessor {
       ['eos_id', trainerSpec.eosId, special.eos, trainerSpec.eosPiece],
       ['pad_id', trainerSpec.padId, special.pad, trainerSpec.padPiece],
     ];
-    for (const [field, declared, found, name] of checks) {
+    for (const [field, declared, found, piece] of checks) {
       if (declared !== found) {
         throw new TokenizerError(
-          `${path}: trainer_spec.${field} is ${declared} but piece ${JSON.stringify(name)} resolves to id ${found}`,
+          `${name}: trainer_spec.${field} is ${declared} but piece ${JSON.stringify(piece)} resolves to id ${found}`,
         );
       }
     }
 
     const sp = new WasmProcessor();
     try {
-      await sp.load(path);
+      await sp.load(file);
     } catch (err) {
-      throw new TokenizerError(`${path}: SentencePiece could not load it (${firstLine(err)})`);
+      throw new TokenizerError(`${name}: SentencePiece could not load it (${firstLine(err)})`);
     }
     const status = sp.processor.status();
     const statusText = status.ToString();
     status.delete();
-    if (statusText !== 'OK') throw new TokenizerError(`${path}: SentencePiece rejected the model (${firstLine(statusText)})`);
+    if (statusText !== 'OK') throw new TokenizerError(`${name}: SentencePiece rejected the model (${firstLine(statusText)})`);
     // The C++ side must see the same pieces as our reader did.
-    for (const name of [trainerSpec.unkPiece, trainerSpec.bosPiece, trainerSpec.eosPiece, trainerSpec.padPiece]) {
-      const wasmId = wasmPieceToId(sp, name);
-      if (wasmId !== pieceToId(name)) {
-        throw new TokenizerError(`${path}: SentencePiece maps piece ${JSON.stringify(name)} to id ${wasmId}, the file says ${pieceToId(name)}`);
+    for (const piece of [trainerSpec.unkPiece, trainerSpec.bosPiece, trainerSpec.eosPiece, trainerSpec.padPiece]) {
+      const wasmId = wasmPieceToId(sp, piece);
+      if (wasmId !== pieceToId(piece)) {
+        throw new TokenizerError(`${name}: SentencePiece maps piece ${JSON.stringify(piece)} to id ${wasmId}, the file says ${pieceToId(piece)}`);
       }
     }
-    if (sp.encodeIds('a').length === 0) throw new TokenizerError(`${path}: SentencePiece encodes "a" to no ids after loading`);
-    return new SentencePieceProcessor(sp, special, pieces.length);
+    if (sp.encodeIds('a').length === 0) throw new TokenizerError(`${name}: SentencePiece encodes "a" to no ids after loading`);
+    return new SentencePieceProcessor(sp, special, Uint8Array.from(pieces, (p) => p.type));
   }
 
   get bosId(): number {
@@ -104,6 +136,26 @@ export class SentencePieceProcessor {
 
   get unkId(): number {
     return this.special.unk;
+  }
+
+  /** Python's sp.is_control(id): BOS, EOS and other pieces that decode to nothing. False for an id out of range. */
+  isControl(id: number): boolean {
+    return this.pieceTypes[id] === PieceType.CONTROL;
+  }
+
+  /** Python's sp.is_unknown(id). */
+  isUnknown(id: number): boolean {
+    return this.pieceTypes[id] === PieceType.UNKNOWN;
+  }
+
+  /** Python's sp.is_unused(id). */
+  isUnused(id: number): boolean {
+    return this.pieceTypes[id] === PieceType.UNUSED;
+  }
+
+  /** Python's sp.is_byte(id): a byte-fallback piece <0x00>..<0xFF>. */
+  isByte(id: number): boolean {
+    return this.pieceTypes[id] === PieceType.BYTE;
   }
 
   /** The ids of `text` as Python's sp.encode(text), with the BOS id first when `bos` (as one_file_ref.py's Tokenizer adds it). */

@@ -15,13 +15,11 @@
  * Every function that makes tensors either runs inside `tf.tidy` or hands its result to a caller
  * who disposes it: the tensor count after a call is the tensor count before it.
  */
-import * as fs from 'fs';
-import * as path from 'path';
 import * as tf from '@tensorflow/tfjs-core';
-import { openPth } from './checkpoint/pth';
+import { openModel, type TokenizerSource } from './checkpoint';
 import { SentencePieceProcessor } from './tokenizer';
 import { toFloat32 } from './checkpoint/dtypes';
-import { BYTES_PER_ELEMENT, type RawTensor, type WeightReader } from './checkpoint/types';
+import type { RawTensor, WeightReader } from './checkpoint/types';
 import { backendMemoryLimit, explainBackendFailure, BackendError } from './runtime/backend';
 
 // ----------------------------------------------------------------------------------------------
@@ -415,7 +413,7 @@ export class TransformerBlock {
 // Transformer: embeddings, the blocks, a final norm and the output projection
 
 /** How many positions the rotary table covers, as in the reference. */
-const MAX_POSITIONS = 128_000;
+export const MAX_POSITIONS = 128_000;
 
 /** Every weight of consolidated.00.pth with its shape, as the reference's modules declare them. */
 export function stateDictShapes(args: ModelArgs): Map<string, number[]> {
@@ -506,14 +504,16 @@ export class Transformer {
     }
   }
 
-  /** Loads params.json and consolidated.00.pth from an official model folder. */
+  /**
+   * Loads params.json and consolidated.00.pth from an official model folder, or the same model
+   * from any layout checkpoint/ reads (the official .tar, consolidated.safetensors, Hugging Face).
+   */
   static async fromFolder(folder: string, opts: LoadOptions = {}): Promise<Transformer> {
-    const paramsFile = path.join(folder, 'params.json');
-    const checkpoint = openPth(path.join(folder, 'consolidated.00.pth'));
+    const files = await openModel(folder, { onProgress: opts.onProgress });
     try {
-      return Transformer.fromCheckpoint(readJson(paramsFile), paramsFile, checkpoint, opts);
+      return Transformer.fromCheckpoint(files.params, files.paramsFile, files.weights, opts);
     } finally {
-      checkpoint.close();
+      files.close();
     }
   }
 
@@ -528,14 +528,9 @@ export class Transformer {
     const lowMemory = chooseLowMemory(args, opts.lowMemory ?? 'auto', checkpoint.path);
 
     const stateDict: StateDict = new Map();
-    const bytesTotal = [...checkpoint.tensors.values()].reduce((n, t) => n + t.numel * BYTES_PER_ELEMENT[t.dtype], 0);
-    let bytesDone = 0;
     for (const [name, shape] of expected) {
       const hostSide = lowMemory && name.startsWith('layers.');
       stateDict.set(name, hostSide ? Weight.onHost(checkpoint.readRaw(name)) : Weight.resident(checkpoint.read(name), shape));
-      const info = checkpoint.tensors.get(name)!;
-      bytesDone += info.numel * BYTES_PER_ELEMENT[info.dtype];
-      opts.onProgress?.(bytesDone, bytesTotal);
     }
     return new Transformer(args, stateDict);
   }
@@ -600,25 +595,10 @@ function chooseLowMemory(args: ModelArgs, wanted: boolean | 'auto', source: stri
   if (!fits(need)) {
     throw new BackendError(
       `${source}: the model needs ${gib(need)} of float32 tensors${lowMemory ? ' even in low-memory mode' : ''}, ` +
-        `more than the backend's ${gib(limit!)}; use a smaller --max-batch or a native backend with more memory`,
+        `more than the backend's ${gib(limit!)}; use a native backend on a machine with more memory`,
     );
   }
   return lowMemory;
-}
-
-function readJson(file: string): unknown {
-  let text: string;
-  try {
-    text = fs.readFileSync(file, 'utf8');
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    throw new ModelArgsError(`${file}: cannot read (${code === 'ENOENT' ? 'no such file' : code ?? String(err)})`);
-  }
-  try {
-    return JSON.parse(text);
-  } catch (err) {
-    throw new ModelArgsError(`${file}: not valid JSON (${(err as Error).message})`);
-  }
 }
 
 function checkStateDict(
@@ -666,8 +646,15 @@ function checkForwardInputs(args: ModelArgs, inputIds: tf.Tensor2D, positions: n
 export class Tokenizer {
   private constructor(private readonly model: SentencePieceProcessor) {}
 
-  static async load(modelPath: string): Promise<Tokenizer> {
-    return new Tokenizer(await SentencePieceProcessor.load(modelPath));
+  /** From a tokenizer.model file, or from its bytes (read out of a .tar). */
+  static async load(source: string | TokenizerSource): Promise<Tokenizer> {
+    if (typeof source === 'string') return new Tokenizer(await SentencePieceProcessor.load(source));
+    if ('path' in source) return new Tokenizer(await SentencePieceProcessor.load(source.path));
+    return new Tokenizer(await SentencePieceProcessor.loadBytes(source.bytes, source.name));
+  }
+
+  get nWords(): number {
+    return this.model.vocabSize;
   }
 
   get bosId(): number {
@@ -721,6 +708,9 @@ export async function generate(
   const minPromptLen = Math.min(...promptLens);
   const maxPromptLen = Math.max(...promptLens);
   const bsz = prompts.length;
+  if (minPromptLen + maxTokens > MAX_POSITIONS) {
+    throw new RangeError(`maxTokens ${maxTokens} after a ${minPromptLen}-token prefill runs past the model's ${MAX_POSITIONS} positions`);
+  }
 
   // inputTokens: [B, maxPromptLen], padded with padId; inputMask marks the real prompt tokens.
   const inputTokens = encodedPrompts.map((x) => [...x, ...new Array<number>(maxPromptLen - x.length).fill(tokenizer.padId)]);
@@ -778,6 +768,27 @@ function argmax(row: number[]): number {
   return best;
 }
 
+/**
+ * The tokenizer and the model from one path, whatever its layout, read once (a .tar is one stream):
+ * the reference's demo() does Tokenizer(folder / "tokenizer.model") and Transformer.from_folder(folder).
+ */
+export async function loadModel(modelPath: string, opts: LoadOptions = {}): Promise<{ tokenizer: Tokenizer; transformer: Transformer }> {
+  const files = await openModel(modelPath, { onProgress: opts.onProgress });
+  try {
+    const tokenizer = await Tokenizer.load(files.tokenizer);
+    const transformer = Transformer.fromCheckpoint(files.params, files.paramsFile, files.weights, opts);
+    if (tokenizer.nWords > transformer.args.vocabSize) {
+      transformer.dispose();
+      throw new ModelArgsError(
+        `${files.paramsFile}: vocab_size ${transformer.args.vocabSize} is smaller than the tokenizer's ${tokenizer.nWords} pieces`,
+      );
+    }
+    return { tokenizer, transformer };
+  } finally {
+    files.close();
+  }
+}
+
 // ----------------------------------------------------------------------------------------------
 // demo: the reference's three prompts
 
@@ -787,9 +798,8 @@ export const DEMO_PROMPTS = [
   'This is a third test, mistral AI is very good at testing. ',
 ];
 
-export async function demo(modelPath: string, maxTokens = 35): Promise<void> {
-  const tokenizer = await Tokenizer.load(path.join(modelPath, 'tokenizer.model'));
-  const transformer = await Transformer.fromFolder(modelPath, { maxBatchSize: 3 });
+export async function demo(modelPath: string, maxTokens = 35, opts: LoadOptions = {}): Promise<void> {
+  const { tokenizer, transformer } = await loadModel(modelPath, { ...opts, maxBatchSize: 3 });
   try {
     const { texts } = await generate(DEMO_PROMPTS, transformer, tokenizer, maxTokens);
     for (const x of texts) {

@@ -160,6 +160,21 @@ export async function openModel(modelPath: string, opts: OpenModelOptions = {}):
     const { params, paramsFile, weights } = openHfFolder(modelPath);
     return modelFiles('hf', modelPath, params, paramsFile, weights, tokenizer, opts);
   }
+  // Half an official folder: name what is missing or wrong.
+  for (const name of ['params.json', 'consolidated.00.pth', 'consolidated.safetensors']) {
+    if (fs.existsSync(path.join(modelPath, name)) && !has(name)) {
+      throw new CheckpointError(path.join(modelPath, name), 'expected a file, found a folder');
+    }
+  }
+  if (has('params.json') && !has('config.json')) {
+    throw new CheckpointError(
+      path.join(modelPath, 'consolidated.00.pth'),
+      'missing (the folder has params.json; expected consolidated.00.pth or consolidated.safetensors beside it)',
+    );
+  }
+  if (has('consolidated.00.pth') || has('consolidated.safetensors')) {
+    throw new CheckpointError(path.join(modelPath, 'params.json'), 'missing (it gives the hyperparameters of the consolidated weights beside it)');
+  }
   const present = LOOKED_FOR.filter(has);
   throw new CheckpointError(modelPath, `${NOT_A_MODEL} (this folder has ${present.length ? present.join(', ') : 'none of those files'})`);
 }

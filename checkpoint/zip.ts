@@ -90,8 +90,9 @@ export class ZipReader {
       throw new CheckpointError(path, `cannot open: ${(err as Error).message}`);
     }
     try {
-      const size = fs.fstatSync(fd).size;
-      return new ZipReader(path, fd, size);
+      const stat = fs.fstatSync(fd);
+      if (stat.isDirectory()) throw new CheckpointError(path, 'is a folder, expected a torch.save checkpoint file');
+      return new ZipReader(path, fd, stat.size);
     } catch (err) {
       fs.closeSync(fd);
       throw err;

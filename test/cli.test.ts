@@ -78,9 +78,10 @@ function describeRun(r: CliResult): string {
     `--- stdout\n${r.stdout}--- stderr\n${r.stderr}`;
 }
 
-/** stderr without the `backend: NAME` line that every command that loads a backend prints. */
+/** stderr without the status lines a model command prints: `backend: NAME`, the loading summary, the timing. */
 function errorLines(r: CliResult): string[] {
-  return r.stderr.split('\n').filter((line) => line !== '' && !/^backend: \S+$/.test(line));
+  const status = /^(backend: \S+|loading weights: .* in [\d.]+ s \(.*\/s\)|\d+ steps in [\d.]+ s: .*)$/;
+  return r.stderr.split('\n').filter((line) => line !== '' && !status.test(line));
 }
 
 /** Exit code 1, nothing on stdout, one stderr line `error: ...` mentioning every item, no stack trace. */

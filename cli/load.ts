@@ -1,0 +1,45 @@
+/** Loading a model for a command: the backend, a progress bar, low-memory mode, timings on stderr. */
+import { loadModel, type LoadOptions, type Tokenizer, type Transformer } from '../one_file_ref';
+import { initBackend } from '../runtime/backend';
+import { createProgress } from '../runtime/progress';
+
+/** The common flags, as parseCommandLine returns them. */
+export interface CommonFlags {
+  backend?: string;
+  'low-memory'?: boolean;
+  quiet?: boolean;
+}
+
+/** Options for loadModel/demo from the common flags; `loaded()` tells when the weights were all read. */
+export function loadOptions(flags: CommonFlags, maxBatchSize: number): LoadOptions & { loadedAt: () => number } {
+  const progress = createProgress('loading weights', { quiet: flags.quiet });
+  let loadedAt = 0;
+  return {
+    maxBatchSize,
+    lowMemory: flags['low-memory'] ? true : 'auto',
+    onProgress: (done, total) => {
+      progress.update(done, total);
+      if (done >= total && loadedAt === 0) {
+        loadedAt = Date.now();
+        progress.finish();
+      }
+    },
+    loadedAt: () => loadedAt || Date.now(),
+  };
+}
+
+export async function loadForCommand(
+  model: string,
+  flags: CommonFlags,
+  maxBatchSize: number,
+): Promise<{ tokenizer: Tokenizer; transformer: Transformer }> {
+  await initBackend(flags.backend, { quiet: flags.quiet });
+  return loadModel(model, loadOptions(flags, maxBatchSize));
+}
+
+/** "35 steps in 12.3 s: 0.35 s/step, batch of 3" on stderr, unless quiet. */
+export function reportSteps(flags: CommonFlags, steps: number, batch: number, startMs: number): void {
+  if (flags.quiet || steps === 0) return;
+  const seconds = (Date.now() - startMs) / 1000;
+  process.stderr.write(`${steps} steps in ${seconds.toFixed(1)} s: ${(seconds / steps).toFixed(3)} s/step, batch of ${batch}\n`);
+}

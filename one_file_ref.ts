@@ -282,7 +282,7 @@ export class Attention {
     x: tf.Tensor3D, // [B, T, D]
     freqsCis: FreqsCis, // [T, d/2] each
     positions: number[], // [T], the absolute positions of this forward's tokens
-    mask: tf.Tensor2D | null, // [T, T], or null for a single token
+    mask: tf.Tensor2D | null, // [T, C], or null for a single token
   ): tf.Tensor3D {
     return tf.tidy(() => {
       const [bsz, seqlen] = x.shape;
@@ -306,6 +306,15 @@ export class Attention {
       );
       const lastK = tf.slice(xk, [0, seqlen - kept], [bsz, kept]); // [B, kept, K, d]
       const lastV = tf.slice(xv, [0, seqlen - kept], [bsz, kept]);
+      // Not in one_file_ref.py, whose prefill always starts at position 0: a chunk that continues a
+      // sequence (main.py's chunked prefill, a chat turn) also attends to the W-1 positions before
+      // it, read from the cache before this chunk overwrites their slots.
+      const previous = seqlen > 1 ? Math.min(W - 1, positions[0]) : 0;
+      const previousSlots = Array.from({ length: previous }, (_, i) => (positions[0] - previous + i) % W);
+      const readPrevious = (cache: tf.Tensor4D): tf.Tensor4D =>
+        tf.gather(tf.slice(cache, [0, 0], [bsz, -1]), tf.tensor1d(previousSlots, 'int32'), 1); // [B, previous, K, d]
+      const previousK = previous > 0 ? readPrevious(this.cacheK) : null;
+      const previousV = previous > 0 ? readPrevious(this.cacheV) : null;
       this.growCache(positions[seqlen - 1]);
       this.cacheK = replace(this.cacheK, tf.tensorScatterUpdate(this.cacheK, scatterPos, lastK));
       this.cacheV = replace(this.cacheV, tf.tensorScatterUpdate(this.cacheV, scatterPos, lastV));
@@ -313,8 +322,11 @@ export class Attention {
       let key: tf.Tensor4D;
       let value: tf.Tensor4D;
       if (positions.length > 1) {
-        // prefill: attend within this forward's tokens; the mask keeps it causal and windowed.
-        [key, value] = repeatKV(xk, xv, this.repeats); // [B, T, H, d]
+        // prefill: attend within this forward's tokens (after the previous ones, if any); the mask
+        // keeps it causal and windowed.
+        const keys = previousK ? tf.concat([previousK, xk], 1) : xk; // [B, previous + T, K, d]
+        const values = previousV ? tf.concat([previousV, xv], 1) : xv;
+        [key, value] = repeatKV(keys, values, this.repeats); // [B, C, H, d]
       } else {
         // decode: attend to every filled slot of the cache (at most W: the token itself and the
         // W-1 before it). Their order in the buffer does not matter: attention is a weighted sum
@@ -330,7 +342,7 @@ export class Attention {
       const valueT = tf.transpose(value, [0, 2, 1, 3]); // [B, H, C, d]
       // scores: [B, H, T, C]
       let scores = tf.mul(tf.matMul(query, keyT, false, true), this.scale);
-      if (mask !== null) scores = tf.add(scores, tf.reshape(mask, [1, 1, seqlen, seqlen]));
+      if (mask !== null) scores = tf.add(scores, tf.expandDims(tf.expandDims(mask, 0), 0));
       scores = tf.softmax(scores, -1);
       const output = tf.matMul(scores, valueT); // [B, H, T, d]
       // [B, H, T, d] -> [B, T, H, d] -> [B, T, H*d]
@@ -437,6 +449,21 @@ export function stateDictShapes(args: ModelArgs): Map<string, number[]> {
   return shapes;
 }
 
+/**
+ * The additive attention mask: 0 where the query at queryPositions[i] may see the key at position
+ * firstKey + j, -inf elsewhere. A query sees the W keys from its own position back: 0 <= q - k < W.
+ */
+export function slidingWindowMask(queryPositions: number[], firstKey: number, slidingWindow: number): tf.Tensor2D {
+  return tf.tidy(() => {
+    const lastKey = queryPositions[queryPositions.length - 1];
+    const q = tf.expandDims(tf.tensor1d(queryPositions, 'int32'), 1); // [T, 1]
+    const k = tf.expandDims(tf.range(firstKey, lastKey + 1, 1, 'int32'), 0); // [1, C]
+    const distance = tf.sub(q, k) as tf.Tensor2D; // [T, C]
+    const visible = tf.logicalAnd(tf.greaterEqual(distance, 0), tf.less(distance, slidingWindow));
+    return tf.where(visible, tf.zeros(distance.shape), tf.fill(distance.shape, -Infinity));
+  });
+}
+
 export class CheckpointMismatchError extends Error {
   override name = 'CheckpointMismatchError';
 }
@@ -487,11 +514,10 @@ export class Transformer {
           // of W slots holds. (The reference's prefill mask, triu(tril(ones), diagonal=-W), lets
           // it see W+1 keys, i-W .. i, disagreeing with its own cache; its xformers path
           // make_local_attention(W) and Hugging Face's port use W keys, as we do.)
-          // band: [T, T], ones on the diagonal and the W-1 diagonals below it (all of them when
-          // T <= W); its log is the additive mask: 0 where a query may look, -inf elsewhere.
-          const lower = Math.min(this.args.slidingWindow - 1, seqlen - 1);
-          const band = tf.linalg.bandPart(tf.ones([seqlen, seqlen]), lower, 0);
-          mask = tf.log(band) as tf.Tensor2D;
+          // The keys are this forward's tokens, after the W-1 cached positions before them when it
+          // continues a sequence (none for a prefill from position 0).
+          const previous = Math.min(this.args.slidingWindow - 1, pos[0]);
+          mask = slidingWindowMask(pos, pos[0] - previous, this.args.slidingWindow); // [T, previous + T]
         }
 
         for (const layer of this.layers) {

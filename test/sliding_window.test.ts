@@ -2,8 +2,8 @@
  * One definition of the sliding window in every path, and the reference's own test_generate.py
  * property, on the tiny checkpoint (and on its weights with other windows).
  *
- * - Full prefill and prefill-then-decode give the same logits at every position, far past W: the
- *   prefill mask lets a query see W keys and the rolling cache holds W slots.
+ * - Full prefill, prefill-then-decode and chunked prefill give the same logits at every position,
+ *   far past W: the mask lets a query see W keys and the rolling cache holds W slots.
  * - test_generation: the logprobs of a generated sequence are reproduced by prefilling the whole
  *   sequence (window 3), as mistral-src's test_generate.py asserts.
  */
@@ -39,6 +39,24 @@ function logitsWithPrefill(model: Transformer, ids: number[][], prefill: number)
   };
   run(0, prefill);
   for (let t = prefill; t < seqlen; t++) run(t, t + 1);
+  return out;
+}
+
+/** Logits [B, T, V] (flattened) from forwards of `chunk` tokens at a time through the rolling cache. */
+function logitsInChunks(model: Transformer, ids: number[][], chunk: number): Float32Array {
+  const bsz = ids.length;
+  const seqlen = ids[0].length;
+  const vocab = model.args.vocabSize;
+  const out = new Float32Array(bsz * seqlen * vocab);
+  for (let from = 0; from < seqlen; from += chunk) {
+    const to = Math.min(seqlen, from + chunk);
+    const logits = tf.tidy(() => {
+      const input = tf.tensor2d(ids.map((r) => r.slice(from, to)), [bsz, to - from], 'int32');
+      return model.forward(input, tf.range(from, to, 1, 'int32') as tf.Tensor1D).dataSync();
+    });
+    const width = (to - from) * vocab;
+    for (let b = 0; b < bsz; b++) out.set(logits.subarray(b * width, (b + 1) * width), (b * seqlen + from) * vocab);
+  }
   return out;
 }
 
@@ -88,6 +106,30 @@ describe('sliding window', () => {
       let worst = 0;
       for (let i = 0; i < full.length; i++) worst = Math.max(worst, Math.abs(full[i] - stepped[i]));
       console.log(`W=${W}, prefill ${prefill}, T=${6 * W}: max |full - stepped| = ${worst.toExponential(2)}`);
+      expect(worst).toBeLessThanOrEqual(1e-4);
+    } finally {
+      model.layers.forEach((l) => l.attention.dispose());
+    }
+  });
+
+  it.each([
+    [4, 5],
+    [4, 3],
+    [8, 8],
+    [8, 3],
+    [3, 7],
+    [5, 1],
+  ])('W=%i: chunked prefill, %i tokens a forward, equals full prefill at every position up to 6W', (W, chunk) => {
+    const model = withWindow(base, W, 2);
+    try {
+      const ids = randomIds(2, 6 * W, model.args.vocabSize, 77 * W + chunk);
+      const before = tf.memory().numTensors;
+      const full = logitsWithPrefill(model, ids, ids[0].length);
+      const chunked = logitsInChunks(model, ids, chunk);
+      expect(tf.memory().numTensors).toBe(before);
+      let worst = 0;
+      for (let i = 0; i < full.length; i++) worst = Math.max(worst, Math.abs(full[i] - chunked[i]));
+      console.log(`W=${W}, chunks of ${chunk}, T=${6 * W}: max |full - chunked| = ${worst.toExponential(2)}`);
       expect(worst).toBeLessThanOrEqual(1e-4);
     } finally {
       model.layers.forEach((l) => l.attention.dispose());

@@ -670,7 +670,8 @@ function checkForwardInputs(args: ModelArgs, inputIds: tf.Tensor2D, positions: n
 // Tokenizer: SentencePiece, as the reference wraps it
 
 export class Tokenizer {
-  private constructor(private readonly model: SentencePieceProcessor) {}
+  /** `processor` is the SentencePiece model itself (Python's sp), e.g. for streaming decode. */
+  private constructor(readonly processor: SentencePieceProcessor) {}
 
   /** From a tokenizer.model file, or from its bytes (read out of a .tar). */
   static async load(source: string | TokenizerSource): Promise<Tokenizer> {
@@ -680,29 +681,29 @@ export class Tokenizer {
   }
 
   get nWords(): number {
-    return this.model.vocabSize;
+    return this.processor.vocabSize;
   }
 
   get bosId(): number {
-    return this.model.bosId;
+    return this.processor.bosId;
   }
 
   get eosId(): number {
-    return this.model.eosId;
+    return this.processor.eosId;
   }
 
   /** -1 for Mistral's tokenizer, which has no pad piece: generate() pads with it and masks it out. */
   get padId(): number {
-    return this.model.padId;
+    return this.processor.padId;
   }
 
   encode(s: string, bos = true): number[] {
-    const ids = this.model.encode(s, false);
-    return bos ? [this.model.bosId, ...ids] : ids;
+    const ids = this.processor.encode(s, false);
+    return bos ? [this.processor.bosId, ...ids] : ids;
   }
 
   decode(t: number[]): string {
-    return this.model.decode(t);
+    return this.processor.decode(t);
   }
 }
 

@@ -4,10 +4,14 @@
  *   one_file_ref.ts MODEL [...]                the reference's demo and generate()   cli/reference.ts
  *   one_file_ref.ts logits MODEL [...]         raw logits as .npy                     cli/logits.ts
  *   one_file_ref.ts tokenize|detokenize PATH   ids <-> text, one JSON value a line    cli/tokenize.ts
+ *   one_file_ref.ts generate MODEL [...]       sampling, stop strings, streaming      cli/generate.ts
+ *   one_file_ref.ts interactive MODEL [...]    a prompt loop or an Instruct chat      cli/interactive.ts
  *
  * Errors are one line on stderr and exit code 1; `--verbose` adds the stack trace.
  */
 import { COMMON_HELP, UsageError } from './args';
+import { GENERATE_HELP, generateCommand } from './generate';
+import { INTERACTIVE_HELP, interactiveCommand } from './interactive';
 import { LOGITS_HELP, logitsCommand } from './logits';
 import { REFERENCE_HELP, referenceCommand } from './reference';
 import { detokenizeCommand, TOKENIZE_HELP, tokenizeCommand } from './tokenize';
@@ -15,7 +19,7 @@ import { detokenizeCommand, TOKENIZE_HELP, tokenizeCommand } from './tokenize';
 export const HELP = `Mistral 7B v0.1, a TypeScript port of mistral-src's one_file_ref.py
 
 Usage:
-${REFERENCE_HELP}${LOGITS_HELP}
+${REFERENCE_HELP}${GENERATE_HELP}${INTERACTIVE_HELP}${LOGITS_HELP}
 ${TOKENIZE_HELP.replace(/^Usage:\n/, '')}
 ${COMMON_HELP}`;
 
@@ -24,6 +28,8 @@ const COMMANDS: Record<string, (argv: string[]) => Promise<void>> = {
   logits: logitsCommand,
   tokenize: tokenizeCommand,
   detokenize: detokenizeCommand,
+  generate: generateCommand,
+  interactive: interactiveCommand,
 };
 
 export async function run(argv: string[]): Promise<void> {

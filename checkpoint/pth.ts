@@ -7,6 +7,9 @@
  * openPth reads only the zip central directory and the pickle; each tensor's
  * bytes are read at their offset when asked for and converted to float32, so
  * a 14.5 GB checkpoint is read with memory bounded by the largest tensor.
+ *
+ * parseStateDict, the pickle's tensors and their checks, is shared with
+ * pth_stream.ts, which reads the same files from a stream.
  */
 import * as os from 'os';
 import { CheckpointError } from './errors';
@@ -25,6 +28,12 @@ export interface TensorInfo extends WeightInfo {
   readonly storageKey: string;
   /** Offset of the first element within the storage, in elements. */
   readonly storageOffset: number;
+}
+
+/** One tensor of a state dict, as its pickle describes it (parseStateDict). */
+export interface StateDictTensor extends TensorInfo {
+  /** Elements in the whole storage (which may be shared with other tensors). */
+  readonly storageNumel: number;
 }
 
 export interface PthCheckpoint extends WeightReader {
@@ -146,9 +155,58 @@ function persistentLoad(file: string): (pid: PickleValue) => PickleValue {
 }
 
 // ---------------------------------------------------------------------------
-// Conversions to float32 (all exact).
+// The state dict.
+
+/**
+ * Unpickles a torch.save `data.pkl` holding a flat state dict of bfloat16 / float16 / float32
+ * tensors, checking each is contiguous and lies inside its storage (whose record is not looked at
+ * here). `file` names the checkpoint in errors, `pickleName` the pickle.
+ */
+export function parseStateDict(pickle: Uint8Array, file: string, pickleName: string): Map<string, StateDictTensor> {
+  const root = unpickle(pickle, { file: pickleName, globals: TORCH_GLOBALS, persistentLoad: persistentLoad(file) });
+  if (!(root instanceof Map)) throw new CheckpointError(file, 'pickle does not hold a dict (expected a state dict)');
+  const tensors = new Map<string, StateDictTensor>();
+  for (const [name, value] of root) {
+    if (typeof name !== 'string') throw new CheckpointError(file, `state dict key ${String(name)} is not a string`);
+    if (!(value instanceof TensorRef)) throw new CheckpointError(file, `state dict entry "${name}" is not a tensor`);
+    tensors.set(name, checkTensor(name, value, file));
+  }
+  return tensors;
+}
+
+function checkTensor(name: string, t: TensorRef, file: string): StateDictTensor {
+  const { storage } = t;
+  const dtype = storage.kind.weight;
+  if (!dtype) {
+    throw new CheckpointError(
+      file,
+      `tensor "${name}" has unsupported dtype ${storage.kind.dtype} (${storage.typeName}); expected bfloat16, float16 or float32`,
+    );
+  }
+  const numel = t.shape.reduce((a, b) => a * b, 1);
+  if (!Number.isSafeInteger(numel)) throw new CheckpointError(file, `tensor "${name}" shape [${t.shape}] is too large`);
+  // Row-major contiguity; a dimension of size 1 may have any stride (as in torch).
+  let expected = 1;
+  for (let d = t.shape.length - 1; d >= 0 && numel > 0; d--) {
+    if (t.shape[d] !== 1 && t.stride[d] !== expected) {
+      throw new CheckpointError(
+        file,
+        `tensor "${name}" is not contiguous (shape [${t.shape}], stride [${t.stride}]); save it with .contiguous()`,
+      );
+    }
+    expected *= t.shape[d];
+  }
+  if (numel > 0 && t.storageOffset + numel > storage.numel) {
+    throw new CheckpointError(
+      file,
+      `tensor "${name}" (offset ${t.storageOffset}, ${numel} elements) runs past the end of its storage of ${storage.numel} elements`,
+    );
+  }
+  return { dtype, shape: t.shape, numel, storageKey: storage.key, storageOffset: t.storageOffset, storageNumel: storage.numel };
+}
 
 // ---------------------------------------------------------------------------
+// The zip, read at random.
 
 class PthFile implements PthCheckpoint {
   readonly path: string;
@@ -210,60 +268,21 @@ class PthFile implements PthCheckpoint {
     return entry;
   }
 
+  /** The pickle's tensors, each checked against the size of its storage record. */
   private readStateDict(): Map<string, TensorInfo> {
-    const pickle = this.zip.readAll(this.zip.entry(`${this.prefix}/data.pkl`));
-    const root = unpickle(pickle, {
-      file: `${this.path} (${this.prefix}/data.pkl)`,
-      globals: TORCH_GLOBALS,
-      persistentLoad: persistentLoad(this.path),
-    });
-    if (!(root instanceof Map)) throw new CheckpointError(this.path, 'pickle does not hold a dict (expected a state dict)');
-    const tensors = new Map<string, TensorInfo>();
-    for (const [name, value] of root) {
-      if (typeof name !== 'string') throw new CheckpointError(this.path, `state dict key ${String(name)} is not a string`);
-      if (!(value instanceof TensorRef)) throw new CheckpointError(this.path, `state dict entry "${name}" is not a tensor`);
-      tensors.set(name, this.checkTensor(name, value));
-    }
-    return tensors;
-  }
-
-  private checkTensor(name: string, t: TensorRef): TensorInfo {
-    const { storage } = t;
-    const dtype = storage.kind.weight;
-    if (!dtype) {
-      throw new CheckpointError(
-        this.path,
-        `tensor "${name}" has unsupported dtype ${storage.kind.dtype} (${storage.typeName}); expected bfloat16, float16 or float32`,
-      );
-    }
-    const numel = t.shape.reduce((a, b) => a * b, 1);
-    if (!Number.isSafeInteger(numel)) throw new CheckpointError(this.path, `tensor "${name}" shape [${t.shape}] is too large`);
-    // Row-major contiguity; a dimension of size 1 may have any stride (as in torch).
-    let expected = 1;
-    for (let d = t.shape.length - 1; d >= 0 && numel > 0; d--) {
-      if (t.shape[d] !== 1 && t.stride[d] !== expected) {
+    const pickleName = `${this.prefix}/data.pkl`;
+    const tensors = parseStateDict(this.zip.readAll(this.zip.entry(pickleName)), this.path, `${this.path} (${pickleName})`);
+    for (const t of tensors.values()) {
+      const entry = this.storageEntry(t.storageKey);
+      const needBytes = t.storageNumel * BYTES_PER_ELEMENT[t.dtype];
+      if (entry.size < needBytes) {
         throw new CheckpointError(
           this.path,
-          `tensor "${name}" is not contiguous (shape [${t.shape}], stride [${t.stride}]); save it with .contiguous()`,
+          `storage record ${entry.name} has ${entry.size} bytes, but its ${t.storageNumel} ${t.dtype} elements need ${needBytes}`,
         );
       }
-      expected *= t.shape[d];
     }
-    if (numel > 0 && t.storageOffset + numel > storage.numel) {
-      throw new CheckpointError(
-        this.path,
-        `tensor "${name}" (offset ${t.storageOffset}, ${numel} elements) runs past the end of its storage of ${storage.numel} elements`,
-      );
-    }
-    const entry = this.storageEntry(storage.key);
-    const needBytes = storage.numel * BYTES_PER_ELEMENT[dtype];
-    if (entry.size < needBytes) {
-      throw new CheckpointError(
-        this.path,
-        `storage record ${entry.name} has ${entry.size} bytes, but its ${storage.numel} ${dtype} elements need ${needBytes}`,
-      );
-    }
-    return { dtype, shape: t.shape, numel, storageKey: storage.key, storageOffset: t.storageOffset };
+    return tensors;
   }
 }
 

@@ -10,7 +10,8 @@
  * zip64 extra field, which it gets past 4 GiB). So a storage's size comes from the pickle and is
  * checked against its descriptor; data.pkl's end is found by looking for a descriptor whose sizes
  * and CRC-32 match the bytes before it. Records that state their sizes up front (other writers,
- * zip64 extra fields included) are read by those sizes.
+ * zip64 extra fields included) are read by those sizes. The pickle is read, with the same checks
+ * and messages, by pth.ts's parseStateDict.
  *
  * Each storage the pickle references is copied into one typed array (Uint16Array for bfloat16 and
  * float16, Float32Array for float32); tensors are views into it. Every size is checked against the
@@ -20,7 +21,7 @@
 import * as os from 'os';
 import { toFloat32 } from './dtypes';
 import { CheckpointError } from './errors';
-import { PickleGlobal, PickleObject, PickleValue, unpickle } from './pickle';
+import { parseStateDict, type StateDictTensor } from './pth';
 import { BYTES_PER_ELEMENT, type RawTensor, type WeightDtype, type WeightInfo, type WeightReader } from './types';
 import { crc32 } from './zip';
 
@@ -136,168 +137,6 @@ class ChunkReader {
       throw new CheckpointError(this.file, `stream holds more than the expected ${this.size} bytes`);
     }
   }
-}
-
-// ---------------------------------------------------------------------------
-// The state-dict pickle.
-//
-// TEMPORARY DUPLICATE of pth.ts internals (STORAGE_KINDS, StorageRef, TensorRef, the
-// _rebuild_tensor_v2 / _rebuild_parameter / OrderedDict globals, persistent ids and the checks of
-// PthFile.checkTensor), same rules and messages, until pth.ts exports a parseStateDict of its own.
-
-interface StorageKind {
-  readonly dtype: string;
-  readonly weight?: WeightDtype;
-}
-
-const STORAGE_KINDS: ReadonlyMap<string, StorageKind> = new Map([
-  ['BFloat16Storage', { dtype: 'bfloat16', weight: 'bfloat16' }],
-  ['HalfStorage', { dtype: 'float16', weight: 'float16' }],
-  ['FloatStorage', { dtype: 'float32', weight: 'float32' }],
-  ['DoubleStorage', { dtype: 'float64' }],
-  ['LongStorage', { dtype: 'int64' }],
-  ['IntStorage', { dtype: 'int32' }],
-  ['ShortStorage', { dtype: 'int16' }],
-  ['CharStorage', { dtype: 'int8' }],
-  ['ByteStorage', { dtype: 'uint8' }],
-  ['BoolStorage', { dtype: 'bool' }],
-  ['ComplexFloatStorage', { dtype: 'complex64' }],
-  ['ComplexDoubleStorage', { dtype: 'complex128' }],
-  ['QInt8Storage', { dtype: 'qint8' }],
-  ['QUInt8Storage', { dtype: 'quint8' }],
-  ['QInt32Storage', { dtype: 'qint32' }],
-]);
-
-class StorageRef extends PickleObject {
-  constructor(
-    readonly kind: StorageKind,
-    readonly typeName: string,
-    readonly key: string,
-    readonly numel: number,
-  ) {
-    super();
-  }
-}
-
-class TensorRef extends PickleObject {
-  constructor(
-    readonly storage: StorageRef,
-    readonly storageOffset: number,
-    readonly shape: number[],
-    readonly stride: number[],
-  ) {
-    super();
-  }
-}
-
-function isCount(v: PickleValue): v is number {
-  return typeof v === 'number' && Number.isSafeInteger(v) && v >= 0;
-}
-
-function countTuple(v: PickleValue, file: string, what: string): number[] {
-  if (!Array.isArray(v) || !v.every(isCount)) {
-    throw new CheckpointError(file, `_rebuild_tensor_v2 ${what} is not a tuple of non-negative integers`);
-  }
-  return [...(v as number[])];
-}
-
-function rebuildTensor(args: readonly PickleValue[], file: string): PickleValue {
-  if (args.length < 4) throw new CheckpointError(file, `_rebuild_tensor_v2 got ${args.length} arguments, expected at least 4`);
-  const [storage, offset, size, stride] = args;
-  if (!(storage instanceof StorageRef)) throw new CheckpointError(file, '_rebuild_tensor_v2 storage argument is not a storage');
-  if (!isCount(offset)) throw new CheckpointError(file, '_rebuild_tensor_v2 storage offset is not a non-negative integer');
-  const shape = countTuple(size, file, 'size');
-  const strides = countTuple(stride, file, 'stride');
-  if (strides.length !== shape.length) {
-    throw new CheckpointError(file, `_rebuild_tensor_v2 size has ${shape.length} dims but stride has ${strides.length}`);
-  }
-  return new TensorRef(storage, offset, shape, strides);
-}
-
-const TORCH_GLOBALS: ReadonlyMap<string, PickleGlobal> = new Map([
-  [
-    'collections.OrderedDict',
-    new PickleGlobal('collections', 'OrderedDict', (args, file) => {
-      if (args.length !== 0) throw new CheckpointError(file, 'collections.OrderedDict called with arguments (only OrderedDict() is supported)');
-      return new Map();
-    }),
-  ],
-  ['torch._utils._rebuild_tensor_v2', new PickleGlobal('torch._utils', '_rebuild_tensor_v2', rebuildTensor)],
-  [
-    'torch._utils._rebuild_parameter',
-    new PickleGlobal('torch._utils', '_rebuild_parameter', (args, file) => {
-      if (!(args[0] instanceof TensorRef)) throw new CheckpointError(file, '_rebuild_parameter argument is not a tensor');
-      return args[0];
-    }),
-  ],
-  ...[...STORAGE_KINDS.keys()].map((name): [string, PickleGlobal] => [`torch.${name}`, new PickleGlobal('torch', name)]),
-]);
-
-function persistentLoad(file: string): (pid: PickleValue) => PickleValue {
-  return (pid) => {
-    if (!Array.isArray(pid) || pid.length !== 5 || pid[0] !== 'storage') {
-      throw new CheckpointError(file, 'persistent id is not a (storage, type, key, location, numel) tuple');
-    }
-    const [, type, key, , numel] = pid;
-    if (!(type instanceof PickleGlobal) || type.module !== 'torch' || !STORAGE_KINDS.has(type.name)) {
-      throw new CheckpointError(file, 'persistent id does not name a torch storage type');
-    }
-    if (typeof key !== 'string' || !isCount(numel)) throw new CheckpointError(file, 'persistent id has a bad storage key or size');
-    return new StorageRef(STORAGE_KINDS.get(type.name) as StorageKind, type.qualifiedName, key, numel);
-  };
-}
-
-/** One tensor of a state dict, as its pickle describes it. */
-export interface StateDictTensor extends WeightInfo {
-  /** The tensor's bytes live in record `<prefix>/data/<storageKey>`... */
-  readonly storageKey: string;
-  /** ...from this element on. */
-  readonly storageOffset: number;
-  /** Elements in the whole storage (which may be shared with other tensors). */
-  readonly storageNumel: number;
-}
-
-/**
- * Unpickles a torch.save `data.pkl` holding a flat state dict of bfloat16 / float16 / float32
- * tensors, checking each is contiguous and lies inside its storage. `file` names the checkpoint in
- * errors, `pickleName` the pickle.
- */
-export function parseStateDict(pickle: Uint8Array, file: string, pickleName: string): Map<string, StateDictTensor> {
-  const root = unpickle(pickle, { file: pickleName, globals: TORCH_GLOBALS, persistentLoad: persistentLoad(file) });
-  if (!(root instanceof Map)) throw new CheckpointError(file, 'pickle does not hold a dict (expected a state dict)');
-  const tensors = new Map<string, StateDictTensor>();
-  for (const [name, t] of root) {
-    if (typeof name !== 'string') throw new CheckpointError(file, `state dict key ${String(name)} is not a string`);
-    if (!(t instanceof TensorRef)) throw new CheckpointError(file, `state dict entry "${name}" is not a tensor`);
-    const { storage } = t;
-    const dtype = storage.kind.weight;
-    if (!dtype) {
-      throw new CheckpointError(
-        file,
-        `tensor "${name}" has unsupported dtype ${storage.kind.dtype} (${storage.typeName}); expected bfloat16, float16 or float32`,
-      );
-    }
-    const numel = t.shape.reduce((a, b) => a * b, 1);
-    if (!Number.isSafeInteger(numel)) throw new CheckpointError(file, `tensor "${name}" shape [${t.shape}] is too large`);
-    let expected = 1;
-    for (let d = t.shape.length - 1; d >= 0 && numel > 0; d--) {
-      if (t.shape[d] !== 1 && t.stride[d] !== expected) {
-        throw new CheckpointError(
-          file,
-          `tensor "${name}" is not contiguous (shape [${t.shape}], stride [${t.stride}]); save it with .contiguous()`,
-        );
-      }
-      expected *= t.shape[d];
-    }
-    if (numel > 0 && t.storageOffset + numel > storage.numel) {
-      throw new CheckpointError(
-        file,
-        `tensor "${name}" (offset ${t.storageOffset}, ${numel} elements) runs past the end of its storage of ${storage.numel} elements`,
-      );
-    }
-    tensors.set(name, { dtype, shape: t.shape, numel, storageKey: storage.key, storageOffset: t.storageOffset, storageNumel: storage.numel });
-  }
-  return tensors;
 }
 
 // ---------------------------------------------------------------------------

@@ -14,12 +14,13 @@ import { GENERATE_HELP, generateCommand } from './generate';
 import { INTERACTIVE_HELP, interactiveCommand } from './interactive';
 import { LOGITS_HELP, logitsCommand } from './logits';
 import { REFERENCE_HELP, referenceCommand } from './reference';
+import { SERVE_HELP, serveCommand } from './serve';
 import { detokenizeCommand, TOKENIZE_HELP, tokenizeCommand } from './tokenize';
 
 export const HELP = `Mistral 7B v0.1, a TypeScript port of mistral-src's one_file_ref.py
 
 Usage:
-${REFERENCE_HELP}${GENERATE_HELP}${INTERACTIVE_HELP}${LOGITS_HELP}
+${REFERENCE_HELP}${GENERATE_HELP}${INTERACTIVE_HELP}${SERVE_HELP}${LOGITS_HELP}
 ${TOKENIZE_HELP.replace(/^Usage:\n/, '')}
 ${COMMON_HELP}`;
 
@@ -30,6 +31,7 @@ const COMMANDS: Record<string, (argv: string[]) => Promise<void>> = {
   detokenize: detokenizeCommand,
   generate: generateCommand,
   interactive: interactiveCommand,
+  serve: serveCommand,
 };
 
 export async function run(argv: string[]): Promise<void> {

@@ -12,6 +12,8 @@
  *    sequence costs nothing more: the token that ends it is never fed to the model.
  *  - `onText` receives the text as it is decoded (tokenizer/stream.ts: whole characters only),
  *    holding back any tail that could still become a stop string.
+ *  - `onToken` receives each generated token with its logprob, the logits it was drawn from and
+ *    the text it completed, for callers that report tokens (the server's logprobs and streaming).
  *
  * The reference's generate() in one_file_ref.ts is left as it is: parity checks use it.
  */
@@ -43,6 +45,37 @@ export interface GenerateOptions extends Partial<SamplingOptions> {
   signal?: AbortSignal;
   /** Also return the logprob of each prompt token after the first (main.py's prompt logprobs). */
   promptLogprobs?: boolean;
+  /**
+   * Called once per generated token (EOS included), in order, as soon as its text is known: right
+   * after it is sampled and decoded, before the next forward; the token that ends the sequence (EOS,
+   * a stop string, the last of maxTokens) after the end-of-text flush, so that its text includes what
+   * that flush released. See TokenStep.
+   */
+  onToken?: (step: TokenStep) => void;
+}
+
+/** One generated token, as GenerateOptions.onToken receives it. */
+export interface TokenStep {
+  /** Its place among the generated tokens, from 0 (the index into Completion.generatedIds). */
+  index: number;
+  /** The sampled id. */
+  id: number;
+  /** log_softmax of the raw logits at `id`: Completion.logprobs[index]. */
+  logprob: number;
+  /**
+   * The raw logits row it was drawn from, one per id of the model's vocabulary (model.args.vocabSize,
+   * which may be padded past the tokenizer's: only ids below tokenizer.vocabSize are sampled), before
+   * temperature, top-k or top-p. For reading only (e.g. top-k logprobs); the array is not reused.
+   */
+  logits: Float32Array;
+  /**
+   * The text that became final with this token, after streaming and stop-string handling: exactly
+   * what onText received for it (often '': a byte that starts a character, a held-back prefix of a
+   * stop string, EOS). The texts of all steps joined are Completion.text, except after an abort,
+   * when Completion.text may end with text that became final only as the run ended (a held-back
+   * tail, bytes of an unfinished character as U+FFFD), after the last step was reported.
+   */
+  text: string;
 }
 
 export type FinishReason = 'eos' | 'length' | 'stop' | 'abort';
@@ -192,7 +225,11 @@ async function generateOne(
     seed: opts.seed,
   });
   const chunkSize = opts.chunkSize ?? promptIds.length;
-  const output = new TextOutput(opts.stop ?? [], opts.onText);
+  let stepText = ''; // what the output released since the last step was reported
+  const output = new TextOutput(opts.stop ?? [], (text) => {
+    stepText += text;
+    opts.onText?.(text);
+  });
   const decoder = new StreamDecoder(tokenizer);
   for (const id of start.context) decoder.push(id); // the text so far: only its state matters
   const aborted = (): boolean => opts.signal?.aborted === true;
@@ -225,6 +262,14 @@ async function generateOne(
   }
   const t1 = performance.now();
 
+  /** Hands a generated token and the text released since the last one to onToken. */
+  const report = (index: number, logits: Float32Array): void => {
+    const text = stepText;
+    stepText = '';
+    opts.onToken?.({ index, id: generatedIds[index], logprob: logprobs[index], logits, text });
+  };
+  let ending: { index: number; logits: Float32Array } | null = null; // the token that ends the sequence, reported after the flush
+
   // Decode: sample, record, stop or feed the token back.
   if (finishReason !== 'abort') {
     for (let step = 0; ; step++) {
@@ -238,6 +283,7 @@ async function generateOne(
       const id = sampler.sample(logits.subarray(0, nWords));
       generatedIds.push(id);
       logprobs.push(logprobOf(logits, id));
+      ending = { index: step, logits };
       if (id === tokenizer.eosId) {
         finishReason = 'eos';
         break;
@@ -248,12 +294,15 @@ async function generateOne(
       }
       const pos = start.startPos + fed;
       if (step + 1 >= opts.maxTokens || pos >= MAX_POSITIONS) break; // 'length': nothing will read its logits
+      ending = null;
+      report(step, logits);
       last = forwardRow(model, [id], pos, false).last;
       fed += 1;
     }
   }
   if (finishReason !== 'stop' && output.add(decoder.flush())) finishReason = 'stop';
   output.finish();
+  if (ending) report(ending.index, ending.logits);
   const t2 = performance.now();
 
   return {

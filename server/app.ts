@@ -217,7 +217,7 @@ export function buildServer(opts: ServerOptions): FastifyInstance {
     }
     return {
       tokens: shown.map((t) => texts.token(t.id)),
-      token_logprobs: shown.map((t) => t.logprob ?? null),
+      token_logprobs: shown.map((t) => t.logprob),
       top_logprobs: shown.map((t) => Object.fromEntries((t.top ?? []).map((c) => [texts.token(c.id), c.logprob]))),
       text_offset: textOffset,
     };
@@ -303,7 +303,7 @@ export function buildServer(opts: ServerOptions): FastifyInstance {
   /** One entry of a chat response's logprobs.content. */
   const chatLogprob = (t: GeneratedToken) => ({
     token: texts.token(t.id),
-    logprob: t.logprob ?? 0,
+    logprob: t.logprob,
     bytes: texts.bytes(t.id),
     top_logprobs: (t.top ?? []).map((c) => ({ token: texts.token(c.id), logprob: c.logprob, bytes: texts.bytes(c.id) })),
   });

@@ -15,7 +15,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { ModelArgs, Transformer } from '../one_file_ref';
 import { SentencePieceProcessor } from '../tokenizer';
 import { readNpy } from '../checkpoint/npy';
-import { complete, GenerationError, TextOutput, type Completion } from '../generation/generate';
+import { complete, GenerationError, TextOutput, type Completion, type TokenStep } from '../generation/generate';
 import { argmax, candidates, draw, logprobOf, mulberry32, Sampler, SamplingError, type Candidates } from '../generation/sampling';
 import { HELP, run } from '../cli/main';
 import { UsageError } from '../cli/args';
@@ -387,6 +387,128 @@ describe('complete() on the tiny checkpoint', () => {
     ]);
     expect(a.generatedIds).toEqual(g1Ids.slice(0, 10));
     expect(b.generatedIds).toEqual(g4.generated_ids[1]);
+  });
+
+  describe('onToken', () => {
+    /** log_softmax(row)[id] in float64, written out here. */
+    const logSoftmaxAt = (row: Float32Array, id: number): number => {
+      const max = row.reduce((m, x) => Math.max(m, x), -Infinity);
+      return row[id] - max - Math.log(row.reduce((sum, x) => sum + Math.exp(x - max), 0));
+    };
+
+    it('reports each token once, in order, before the next forward: its id, logprob, logits row and text', async () => {
+      const events: string[] = []; // 'text:...' from onText, 'token:N' from onToken, in the order they came
+      const steps: TokenStep[] = [];
+      const forwardsAtStep: number[] = [];
+      let forwards = 0;
+      const forward = model.forward.bind(model);
+      model.forward = (ids, pos) => {
+        forwards++;
+        return forward(ids, pos);
+      };
+      let c: Completion;
+      try {
+        c = await complete(model, tokenizer, g1Prompt, {
+          maxTokens: 20,
+          temperature: 0,
+          onText: (t) => events.push(`text:${t}`),
+          onToken: (step) => {
+            steps.push(step);
+            forwardsAtStep.push(forwards);
+            events.push(`token:${step.index}`);
+          },
+        });
+      } finally {
+        model.forward = forward;
+      }
+      expect(steps.map((s) => s.index)).toEqual([...Array(20).keys()]);
+      expect(steps.map((s) => s.id)).toEqual(g1Ids); // the reference's greedy ids
+      // One prefill forward, then step i comes after i decode forwards: before the forward that feeds it.
+      expect(forwardsAtStep).toEqual(steps.map((_, i) => 1 + i));
+      const reference = referenceLogprobs(g1, 0).slice(g1Prompt.length - 1);
+      steps.forEach((s, i) => {
+        expect(s.logprob).toBe(c.logprobs[i]);
+        expect(s.logits.length).toBe(model.args.vocabSize);
+        // The row it was drawn from: greedy is its argmax over the tokenizer's ids, and its log_softmax
+        // at the id is the reference's logprob.
+        const words = Array.from(s.logits.subarray(0, tokenizer.vocabSize));
+        expect(words.indexOf(Math.max(...words))).toBe(s.id);
+        expect(Math.abs(logSoftmaxAt(s.logits, s.id) - reference[i])).toBeLessThanOrEqual(1e-4);
+        if (i > 0) expect(s.logits).not.toBe(steps[i - 1].logits);
+      });
+      // Each step's text is what onText received since the step before it; together they are the text.
+      const texts: string[] = [];
+      let pending = '';
+      for (const e of events) {
+        if (e.startsWith('text:')) pending += e.slice(5);
+        else {
+          texts.push(pending);
+          pending = '';
+        }
+      }
+      expect(pending).toBe('');
+      expect(steps.map((s) => s.text)).toEqual(texts);
+      expect(texts.join('')).toBe(c!.text);
+      // The continuation's byte pieces of bytes >= 0x80 (<0xE1> <0xB6> before "W", <0xA4>, <0xE1> <0xB6>
+      // <0xD4> before "à", <0x9D>, <0x92>) are not (yet) a whole character: their steps release nothing,
+      // and the next step releases them (as U+FFFD, which Python's decode of the whole shows) with its
+      // own text. Its ASCII byte pieces (<0x5B> "[", <0x6B> "k", <0x1F>, <0x4E> "N") are characters alone.
+      expect(steps.flatMap((s, i) => (s.text === '' ? [i] : []))).toEqual([3, 4, 7, 10, 11, 12, 14, 17]);
+      expect(steps[5].text).toBe('\ufffd\ufffdW');
+      expect(steps[13].text).toBe('\ufffd\ufffd\ufffdà');
+    });
+
+    it('reports the token that ends the sequence after the end-of-text flush: length, stop string, EOS', async () => {
+      // The greedy continuation starts "[", " at", "k" (Python decodes it to "[ atk"). With the stop
+      // string "tk!" the "t" and then "tk" are held back (they could start "tk!") until the sequence
+      // ends at maxTokens: the last step's text is what the end released.
+      const steps: TokenStep[] = [];
+      const c = await complete(model, tokenizer, g1Prompt, { maxTokens: 3, temperature: 0, stop: ['tk!'], onToken: (s) => steps.push(s) });
+      expect(c.generatedIds).toEqual(g1Ids.slice(0, 3));
+      expect(c.finishReason).toBe('length');
+      expect(c.text).toBe('[ atk');
+      expect(steps.map((s) => s.text)).toEqual(['[', ' a', 'tk']);
+
+      // A stop string: "W" is held back (it starts "Wri"), "ri" completes the stop string, which is cut.
+      const stopped: TokenStep[] = [];
+      const s = await complete(model, tokenizer, g1Prompt, { maxTokens: 20, temperature: 0, stop: ['Wri'], onToken: (t) => stopped.push(t) });
+      expect(s.finishReason).toBe('stop');
+      expect(stopped.map((t) => t.id)).toEqual(s.generatedIds);
+      expect(stopped.map((t) => t.id)).toEqual(g1Ids.slice(0, 7)); // ..., "W", "ri"
+      expect(stopped.slice(5).map((t) => t.text)).toEqual(['\ufffd\ufffd', '']);
+      expect(stopped.map((t) => t.text).join('')).toBe(s.text);
+
+      // EOS is reported too, last, with its logprob.
+      const g4 = referenceCase('generate_4');
+      const eosSteps: TokenStep[] = [];
+      const e = await complete(model, tokenizer, g4.encoded_prompts[1], { maxTokens: 30, temperature: 0, onToken: (t) => eosSteps.push(t) });
+      expect(e.finishReason).toBe('eos');
+      expect(eosSteps.map((t) => t.id)).toEqual(g4.generated_ids[1]);
+      expect(eosSteps.at(-1)!.id).toBe(tokenizer.eosId);
+      expect(eosSteps.map((t) => t.logprob)).toEqual(e.logprobs);
+      expect(eosSteps.map((t) => t.text).join('')).toBe(e.text);
+    });
+
+    it('after an abort, every sampled token was reported; text released by the end follows them', async () => {
+      const controller = new AbortController();
+      const steps: TokenStep[] = [];
+      const c = await complete(model, tokenizer, g1Prompt, {
+        maxTokens: 20,
+        temperature: 0,
+        signal: controller.signal,
+        onToken: (s) => {
+          steps.push(s);
+          if (s.index === 3) controller.abort(); // step 3 is <0xE1>: a character's first byte, held back
+        },
+      });
+      expect(c.finishReason).toBe('abort');
+      expect(c.generatedIds).toEqual(g1Ids.slice(0, 4));
+      expect(steps.map((s) => s.id)).toEqual(c.generatedIds);
+      // Python decodes the prompt and these 4 ids to the prompt's text + "[ atk\ufffd": the lone byte
+      // became U+FFFD when the run ended, after its step was reported.
+      expect(steps.map((s) => s.text).join('')).toBe('[ atk');
+      expect(c.text).toBe('[ atk\ufffd');
+    });
   });
 
   it('bad arguments are errors naming the field', async () => {

@@ -8,6 +8,7 @@
  * what complete() gives for the prompt ids it should build (sp.encode for completions, the Instruct
  * template for chat), alone or among 20 requests in flight.
  */
+import * as fs from 'fs';
 import * as path from 'path';
 import type { AddressInfo } from 'net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -20,6 +21,7 @@ import { buildServer } from '../server/app';
 import { startServe } from '../cli/serve';
 
 const TINY = path.resolve(__dirname, '..', 'fixtures', 'tiny');
+const REFERENCE = path.resolve(__dirname, '..', 'fixtures', 'reference', 'tiny');
 const MODEL = 'tiny';
 const KEY = 'sk-test-0123456789';
 
@@ -224,6 +226,41 @@ describe('serve: endpoints', () => {
     expect(withChoice.at(-1)!.choices[0].finish_reason).toBe('length');
     expect(withChoice.map((c) => c.choices[0].delta.content ?? '').join('')).toBe(choice.message.content);
     expect(chunks.at(-1)!.usage).toEqual(res.usage);
+  });
+
+  it('logprobs spell each token by its piece: "\u2581" as a space, a byte >= 0x80 as bytes:\\xNN with its value in bytes', async () => {
+    // The reference's greedy continuation of generate_1's prompt (fixtures/reference/tiny) starts with
+    // the pieces <0x5B> \u2581at <0x6B> <0xE1> <0xB6> W (Python's sp.id_to_piece): "[" and "k" are ASCII
+    // bytes, <0xE1> and <0xB6> are bytes of no whole character, as OpenAI shows them.
+    const g1 = (JSON.parse(fs.readFileSync(path.join(REFERENCE, 'index.json'), 'utf8')) as { cases: { name: string; encoded_prompts: number[][]; generated_ids: number[][] }[] }).cases.find((c) => c.name === 'generate_1')!;
+    const prompt = g1.encoded_prompts[0];
+    const res = await client.completions.create({ model: MODEL, prompt, max_tokens: 6, temperature: 0, logprobs: 1 });
+    const lp = res.choices[0].logprobs!;
+    expect(lp.tokens).toEqual(['[', ' at', 'k', 'bytes:\\xe1', 'bytes:\\xb6', 'W']);
+    // The two bytes became text (two U+FFFD) with "W": offsets count the text each token completed.
+    expect(res.choices[0].text).toBe('[ atk\ufffd\ufffdW');
+    const start = sp().decode(prompt).length;
+    expect(lp.text_offset).toEqual([0, 1, 4, 5, 5, 5].map((o) => start + o));
+    // Greedy: each token is its step's most likely one, under the same name.
+    lp.top_logprobs!.forEach((top, i) => expect(Object.keys(top!)).toEqual([lp.tokens![i]]));
+
+    // Chat: the tokens are the answer's pieces (its ids from generation/, their pieces from the
+    // tokenizer, which test/tokenizer.test.ts checks against Python); bytes are their UTF-8, or the byte.
+    const expected = await direct(CHAT_IDS(), 8);
+    const chat = await client.chat.completions.create({ model: MODEL, messages: CHAT, max_tokens: 8, temperature: 0, logprobs: true, top_logprobs: 1 });
+    const content = chat.choices[0].logprobs!.content!;
+    const spelled = expected.generatedIds.map((id) => {
+      const byte = /^<0x([0-9A-F]{2})>$/.exec(sp().piece(id));
+      if (!byte) return { token: sp().piece(id).replaceAll('\u2581', ' '), bytes: [...Buffer.from(sp().piece(id).replaceAll('\u2581', ' '), 'utf8')] };
+      const b = parseInt(byte[1], 16);
+      return { token: b < 0x80 ? String.fromCharCode(b) : `bytes:\\x${byte[1].toLowerCase()}`, bytes: [b] };
+    });
+    expect(spelled.some((t) => t.token.startsWith('bytes:'))).toBe(true); // this answer has a byte of no whole character
+    expect(content.map((e) => ({ token: e.token, bytes: e.bytes }))).toEqual(spelled);
+    for (const e of content) {
+      expect(e.top_logprobs[0].token).toBe(e.token);
+      expect(e.top_logprobs[0].bytes).toEqual(e.bytes);
+    }
   });
 
   it('content given as text parts and a developer message read as string content and a system message', async () => {

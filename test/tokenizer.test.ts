@@ -28,6 +28,17 @@ async function expectTokenizerError(run: () => unknown, ...parts: string[]): Pro
   for (const part of parts) expect(message).toContain(part);
 }
 
+/**
+ * Python's sp.id_to_piece(id) for a few ids of each model (checked with /usr/bin/python3's
+ * sentencepiece): the special pieces, the first byte piece, and the pieces of "Hello world!"
+ * (Mistral's documented v1 vector [1, 22557, 1526, 28808] is <s> ▁Hello ▁world !).
+ */
+const KNOWN_PIECES: Record<string, [number, string][]> = {
+  'mistral-v1': [[0, '<unk>'], [1, '<s>'], [2, '</s>'], [3, '<0x00>'], [258, '<0xFF>'], [22557, '\u2581Hello'], [1526, '\u2581world'], [28808, '!']],
+  'mistral-v3': [[0, '<unk>'], [1, '<s>'], [2, '</s>'], [3, '[INST]'], [4, '[/INST]'], [771, '<0x00>'], [23325, '\u2581Hello'], [2294, '\u2581world'], [29576, '!']],
+  tiny: [[0, '<unk>'], [1, '<s>'], [2, '</s>'], [3, '<0x00>'], [417, '\u2581H'], [307, 'el'], [293, 'lo'], [265, '\u2581w'], [271, 'or'], [315, 'ld'], [496, '!']],
+};
+
 for (const entry of MODELS) {
   const { name, model, documented } = entry;
   const available = modelAvailable(entry, 'tokenizer.test.ts');
@@ -122,6 +133,33 @@ for (const entry of MODELS) {
       expect(replaced.text).toBe('x\ufffdy');
       expect(tok.encode('x\ud800y', false)).toEqual(replaced.ids);
       expect(tok.encode('x\udc00y', false)).toEqual(replaced.ids);
+    });
+
+    it("piece(id) is Python's sp.id_to_piece: the piece as the file spells it", async () => {
+      for (const [id, piece] of KNOWN_PIECES[name]) expect(tok.piece(id), `id ${id}`).toBe(piece);
+      for (const [id, piece] of documented?.known.flatMap(([text, ids]) => ids.map((i) => [i, tok.piece(i)] as const)) ?? []) {
+        expect(KNOWN_PIECES[name].some(([k, p]) => k === id && p === piece), `documented id ${id}`).toBe(true);
+      }
+      if (expected) {
+        // SentencePiece names the byte pieces <0x00>..<0xFF> (uppercase hex); Python lists them in byte order.
+        expect(expected.byte_ids.map((id) => tok.piece(id))).toEqual(Array.from({ length: 256 }, (_, b) => `<0x${b.toString(16).toUpperCase().padStart(2, '0')}>`));
+      }
+      const n = tok.vocabSize;
+      await expectTokenizerError(() => tok.piece(n), `token id ${n}`, `[0, ${n})`);
+      await expectTokenizerError(() => tok.piece(-1), 'token id -1');
+      await expectTokenizerError(() => tok.piece(1.5), 'token id 1.5');
+    });
+
+    it.runIf(expected !== undefined)("piece(id) of every plain id in the corpus is what Python's decode([id]) implies", () => {
+      // A plain piece decodes alone to its string with "\u2581" as a space, less the one leading space
+      // decoding drops (the dummy prefix): Python's decode([id]) says what the piece is. The corpus has
+      // a piece that is a lone U+FEFF (byte order mark), which a UTF-8 decoder must not swallow.
+      for (const c of expected!.cases) {
+        c.ids.forEach((id, i) => {
+          if (tok.isByte(id) || tok.isControl(id) || tok.isUnknown(id)) return;
+          expect(tok.piece(id).replaceAll('\u2581', ' ').replace(/^ /, ''), `${c.name}: id ${id}`).toBe(c.decoded_each[i]);
+        });
+      }
     });
 
     it('rejects out-of-range ids in decode, naming the id', async () => {

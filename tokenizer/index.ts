@@ -9,7 +9,8 @@
  *    right type, else -1;
  *  - decode() rejects an out-of-range id (the package returns "", Python raises);
  *  - encode() replaces lone surrogates with U+FFFD first (they would corrupt the UTF-8 sent to wasm);
- *  - isControl/isUnknown/isUnused/isByte give each piece's type, read from the file like the ids.
+ *  - isControl/isUnknown/isUnused/isByte give each piece's type, read from the file like the ids;
+ *    piece(id) gives its string (Python's sp.id_to_piece), also from the file.
  */
 import { promises as fs } from 'fs';
 import { tmpdir } from 'os';
@@ -34,6 +35,8 @@ export class SentencePieceProcessor {
     private readonly special: SpecialIds,
     /** The SentencePiece.Type of each piece, by id. */
     private readonly pieceTypes: Uint8Array,
+    /** The string of each piece, by id, as the model file has it. */
+    private readonly pieceNames: readonly string[],
   ) {}
 
   /** Number of pieces in the model (Python's sp.vocab_size()). */
@@ -118,7 +121,12 @@ export class SentencePieceProcessor {
       }
     }
     if (sp.encodeIds('a').length === 0) throw new TokenizerError(`${name}: SentencePiece encodes "a" to no ids after loading`);
-    return new SentencePieceProcessor(sp, special, Uint8Array.from(pieces, (p) => p.type));
+    return new SentencePieceProcessor(
+      sp,
+      special,
+      Uint8Array.from(pieces, (p) => p.type),
+      pieces.map((p) => p.piece),
+    );
   }
 
   get bosId(): number {
@@ -156,6 +164,18 @@ export class SentencePieceProcessor {
   /** Python's sp.is_byte(id): a byte-fallback piece <0x00>..<0xFF>. */
   isByte(id: number): boolean {
     return this.pieceTypes[id] === PieceType.BYTE;
+  }
+
+  /**
+   * Python's sp.id_to_piece(id): the piece as the model file spells it, not as it decodes: "▁" for
+   * the space it stands for ("▁Hello"), "<0x0A>" for a byte piece, "<s>" for BOS. Throws a
+   * TokenizerError for an id out of range, as Python raises IndexError.
+   */
+  piece(id: number): string {
+    if (!Number.isInteger(id) || id < 0 || id >= this.vocabSize) {
+      throw new TokenizerError(`piece: token id ${id} is out of range, expected an integer in [0, ${this.vocabSize})`);
+    }
+    return this.pieceNames[id];
   }
 
   /** The ids of `text` as Python's sp.encode(text), with the BOS id first when `bos` (as one_file_ref.py's Tokenizer adds it). */

@@ -47,7 +47,7 @@ const WIRE_FIXED64 = 1;
 const WIRE_LEN = 2;
 const WIRE_FIXED32 = 5;
 
-const utf8 = new TextDecoder('utf-8');
+const utf8 = new TextDecoder('utf-8', { ignoreBOM: true });
 
 /** Reads protobuf wire format from bytes[pos, end); every problem becomes a TokenizerError naming `file`. */
 class WireReader {

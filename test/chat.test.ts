@@ -9,7 +9,8 @@
 import * as path from 'path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
-import { ModelArgs, Transformer } from '../one_file_ref';
+import { Transformer } from '../one_file_ref';
+import { disposeCaches, withWindow } from './models';
 import { SentencePieceProcessor } from '../tokenizer';
 import { encodeInstruct } from '../tokenizer/instruct';
 import { ChatSession } from '../generation/chat';
@@ -26,16 +27,6 @@ beforeAll(async () => {
 });
 afterAll(() => base.dispose());
 
-/** The tiny checkpoint's weights in a model of its own (own KV cache), with sliding window W. */
-function modelWithWindow(W: number): Transformer {
-  const a = base.args;
-  return new Transformer(new ModelArgs(a.dim, a.nLayers, a.headDim, a.hiddenDim, a.nHeads, a.nKvHeads, W, a.normEps, a.vocabSize, a.ropeTheta, 1), base.stateDict);
-}
-function disposeCaches(m: Transformer): void {
-  m.layers.forEach((l) => l.attention.dispose());
-  m.freqsCis.cos.dispose();
-  m.freqsCis.sin.dispose();
-}
 
 /** Records the positions of every forward of `model`. */
 function recordForwards(model: Transformer): number[][] {
@@ -62,8 +53,8 @@ describe('ChatSession', () => {
     [4, 3],
     [5, 1],
   ])('window %i, chunks of %s: answers past the window equal the conversation prefilled from scratch', async (W, chunkSize) => {
-    const model = modelWithWindow(W);
-    const scratch = modelWithWindow(W);
+    const model = withWindow(base, W, 1);
+    const scratch = withWindow(base, W, 1);
     const calls = recordForwards(model);
     try {
       const chat = new ChatSession(model, tokenizer);
@@ -99,7 +90,7 @@ describe('ChatSession', () => {
   });
 
   it('a system message comes before the first user message, as encodeInstruct puts it', async () => {
-    const model = modelWithWindow(8);
+    const model = withWindow(base, 8, 1);
     try {
       const chat = new ChatSession(model, tokenizer, { system: 'You are a sailor.' });
       const answer = await chat.send('Hello', { maxTokens: 4, temperature: 0 });
@@ -115,8 +106,8 @@ describe('ChatSession', () => {
   });
 
   it('another generation on the same model in between: the next turn replays the history and is still right', async () => {
-    const model = modelWithWindow(4);
-    const scratch = modelWithWindow(4);
+    const model = withWindow(base, 4, 1);
+    const scratch = withWindow(base, 4, 1);
     try {
       const chat = new ChatSession(model, tokenizer);
       await chat.send(QUESTIONS[0], { maxTokens: 10, temperature: 0 });
@@ -142,8 +133,8 @@ describe('ChatSession', () => {
   });
 
   it('an aborted answer is closed with EOS and the conversation goes on correctly', async () => {
-    const model = modelWithWindow(4);
-    const scratch = modelWithWindow(4);
+    const model = withWindow(base, 4, 1);
+    const scratch = withWindow(base, 4, 1);
     try {
       const chat = new ChatSession(model, tokenizer);
       const controller = new AbortController();
@@ -168,7 +159,7 @@ describe('ChatSession', () => {
   });
 
   it('the answer text is the answer alone, as an assistant message decodes', async () => {
-    const model = modelWithWindow(8);
+    const model = withWindow(base, 8, 1);
     try {
       const chat = new ChatSession(model, tokenizer);
       const answer = await chat.send(QUESTIONS[0], { maxTokens: 12, temperature: 0 });

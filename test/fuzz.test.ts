@@ -606,8 +606,6 @@ async function withinLimit<T>(work: Promise<T>): Promise<T> {
   }
 }
 
-const rawBytes = (raw: RawTensor): Buffer => Buffer.from(raw.data.buffer, raw.data.byteOffset, raw.data.byteLength);
-
 /** Elements whose bits differ between two reads of a tensor. */
 function differing(a: RawTensor, b: RawTensor): number {
   if (a.dtype !== b.dtype || a.data.length !== b.data.length) return Number.POSITIVE_INFINITY;

@@ -12,7 +12,8 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
-import { ModelArgs, Transformer } from '../one_file_ref';
+import { Transformer } from '../one_file_ref';
+import { disposeCaches, withWindow } from './models';
 import { SentencePieceProcessor } from '../tokenizer';
 import { readNpy } from '../checkpoint/npy';
 import { complete, GenerationError, TextOutput, type Completion, type TokenStep } from '../generation/generate';
@@ -533,17 +534,7 @@ describe("mistral-src's test_chunks, ported", () => {
   });
   afterAll(() => base.dispose());
 
-  /** The tiny checkpoint with another sliding window (its weights do not depend on it). */
-  function withWindow(W: number): Transformer {
-    const a = base.args;
-    const args = new ModelArgs(a.dim, a.nLayers, a.headDim, a.hiddenDim, a.nHeads, a.nKvHeads, W, a.normEps, a.vocabSize, a.ropeTheta, 1);
-    return new Transformer(args, base.stateDict);
-  }
-  function disposeCaches(m: Transformer): void {
-    m.layers.forEach((l) => l.attention.dispose());
-    m.freqsCis.cos.dispose();
-    m.freqsCis.sin.dispose();
-  }
+
 
   const sequences = [
     [1, ...Array.from({ length: 7 }, (_, i) => i)], // "0 1 2 3 4 5 6"
@@ -556,7 +547,7 @@ describe("mistral-src's test_chunks, ported", () => {
     [4, 3],
     [8, 5],
   ])('window %i, chunks of %i: logprobs with chunks equal logprobs without', async (W, chunkSize) => {
-    const model = withWindow(W);
+    const model = withWindow(base, W, 1);
     try {
       for (const [i, prompt] of sequences.entries()) {
         const before = tf.memory().numTensors;

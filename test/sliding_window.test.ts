@@ -10,7 +10,8 @@
 import * as path from 'path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
-import { generate, ModelArgs, Tokenizer, Transformer } from '../one_file_ref';
+import { generate, Tokenizer, Transformer } from '../one_file_ref';
+import { disposeCaches, withWindow } from './models';
 
 const TINY = path.resolve(__dirname, '..', 'fixtures', 'tiny');
 
@@ -60,12 +61,6 @@ function logitsInChunks(model: Transformer, ids: number[][], chunk: number): Flo
   return out;
 }
 
-/** The same checkpoint with another sliding window (the weights do not depend on it). */
-function withWindow(model: Transformer, slidingWindow: number, maxBatchSize: number): Transformer {
-  const a = model.args;
-  const args = new ModelArgs(a.dim, a.nLayers, a.headDim, a.hiddenDim, a.nHeads, a.nKvHeads, slidingWindow, a.normEps, a.vocabSize, a.ropeTheta, maxBatchSize);
-  return new Transformer(args, model.stateDict);
-}
 
 /** test_generate.py's DebugTokenizer: text is space-separated token ids. */
 class DebugTokenizer {
@@ -108,7 +103,7 @@ describe('sliding window', () => {
       console.log(`W=${W}, prefill ${prefill}, T=${6 * W}: max |full - stepped| = ${worst.toExponential(2)}`);
       expect(worst).toBeLessThanOrEqual(1e-4);
     } finally {
-      model.layers.forEach((l) => l.attention.dispose());
+      disposeCaches(model);
     }
   });
 
@@ -132,7 +127,7 @@ describe('sliding window', () => {
       console.log(`W=${W}, chunks of ${chunk}, T=${6 * W}: max |full - chunked| = ${worst.toExponential(2)}`);
       expect(worst).toBeLessThanOrEqual(1e-4);
     } finally {
-      model.layers.forEach((l) => l.attention.dispose());
+      disposeCaches(model);
     }
   });
 
@@ -153,7 +148,7 @@ describe('sliding window', () => {
       expect(diff(11)).toBe(0);
       expect(diff(2)).toBe(0); // causal
     } finally {
-      model.layers.forEach((l) => l.attention.dispose());
+      disposeCaches(model);
     }
   });
 });
@@ -183,7 +178,7 @@ describe("the reference's test_generate.py property", () => {
       console.log(`test_generation: max |logprob diff| = ${worst.toExponential(2)} (reference asserts 1e-5)`);
       expect(worst).toBeLessThan(1e-5);
     } finally {
-      model.layers.forEach((l) => l.attention.dispose());
+      disposeCaches(model);
       base.dispose();
     }
   });

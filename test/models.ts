@@ -1,0 +1,18 @@
+/** Test helpers: a checkpoint's weights under other hyperparameters that do not change its tensors. */
+import { ModelArgs, Transformer } from '../one_file_ref';
+
+/**
+ * The same weights with another sliding window and batch size, in a model with KV caches of its
+ * own (the weights do not depend on the window). Free it with disposeCaches(), not dispose(): the
+ * weights belong to `base`.
+ */
+export function withWindow(base: Transformer, slidingWindow: number, maxBatchSize: number): Transformer {
+  const a = base.args;
+  const args = new ModelArgs(a.dim, a.nLayers, a.headDim, a.hiddenDim, a.nHeads, a.nKvHeads, slidingWindow, a.normEps, a.vocabSize, a.ropeTheta, maxBatchSize);
+  return new Transformer(args, base.stateDict);
+}
+
+/** Frees the KV caches of a model made by withWindow(). */
+export function disposeCaches(model: Transformer): void {
+  for (const layer of model.layers) layer.attention.dispose();
+}

@@ -18,7 +18,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { openModel, type TokenizerSource } from './checkpoint';
 import { SentencePieceProcessor } from './tokenizer';
-import { toFloat32 } from './checkpoint/dtypes';
+import { widen16 } from './checkpoint/dtypes';
 import type { RawTensor, WeightReader } from './checkpoint/types';
 import { backendMemoryLimit, explainBackendFailure, BackendError } from './runtime/backend';
 
@@ -110,6 +110,11 @@ export class ModelArgs {
 
 // ----------------------------------------------------------------------------------------------
 // repeatKV: grouped-query attention shares each key/value head among nHeads / nKvHeads queries
+//
+// The reference's repeat_kv copies the keys and values once per query head that reads them.
+// Attention.forward below computes the same scores without the copies (grouping the queries by
+// key/value head instead; on wasm the copy was most of a decode step); this is the definition
+// that grouping follows.
 
 export function repeatKV(keys: tf.Tensor4D, values: tf.Tensor4D, repeats: number): [tf.Tensor4D, tf.Tensor4D] {
   // torch.repeat_interleave on dim 2: kv head k becomes heads k*repeats .. k*repeats + repeats-1.
@@ -156,15 +161,14 @@ export function applyRotaryEmb(
   const rotate = (x: tf.Tensor4D): tf.Tensor4D =>
     tf.tidy(() => {
       const [b, t, h, d] = x.shape;
-      // cos, sin: [T, d/2] -> [1, T, 1, d/2], to broadcast over batch and heads
-      const cos = tf.reshape(freqsCis.cos, [1, t, 1, d / 2]);
-      const sin = tf.reshape(freqsCis.sin, [1, t, 1, d / 2]);
-      // pairs: [B, T, h, d/2, 2] -> real parts a and imaginary parts b: [B, T, h, d/2]
-      const [a, bImag] = tf.unstack(tf.reshape(x, [b, t, h, d / 2, 2]), 4);
-      const real = tf.sub(tf.mul(a, cos), tf.mul(bImag, sin));
-      const imag = tf.add(tf.mul(a, sin), tf.mul(bImag, cos));
-      // back to interleaved pairs: [B, T, h, d/2, 2] -> [B, T, h, d]
-      return tf.reshape(tf.stack([real, imag], 4), [b, t, h, d]) as tf.Tensor4D;
+      // cos, sin: [T, d/2] -> [1, T, 1, d/2, 1], to broadcast over batch, heads and each pair
+      const cos = tf.reshape(freqsCis.cos, [1, t, 1, d / 2, 1]);
+      const sin = tf.reshape(freqsCis.sin, [1, t, 1, d / 2, 1]);
+      // pairs (a, b): [B, T, h, d/2, 2]; swapped (-b, a): the pairs reversed, the first negated
+      const pairs = tf.reshape(x, [b, t, h, d / 2, 2]);
+      const swapped = tf.mul(tf.reverse(pairs, 4), tf.tensor1d([-1, 1]));
+      // (a cos - b sin, a sin + b cos), interleaved as the input: [B, T, h, d]
+      return tf.reshape(tf.add(tf.mul(pairs, cos), tf.mul(swapped, sin)), [b, t, h, d]) as tf.Tensor4D;
     });
   return [rotate(xq), rotate(xk)];
 }
@@ -177,30 +181,69 @@ export function applyRotaryEmb(
  * whose float32 weights do not fit the backend) the layers' weights stay on the host as the
  * checkpoint stores them (bf16 for Mistral 7B), and each use widens one to a float32 tensor inside
  * the caller's tf.tidy, which frees it again: the backend holds one layer weight at a time.
+ *
+ * A resident linear weight is held transposed, [in, out], the layout in which the backend
+ * multiplies fastest (see linear()); tensor() still gives it as stored, [out, in].
  */
 export class Weight {
   private constructor(
     readonly shape: number[],
     private readonly resident: tf.Tensor | null,
     private readonly host: RawTensor | null,
+    /** A resident linear weight, transposed once at load: [in, out]. */
+    readonly transposed: tf.Tensor2D | null = null,
   ) {}
 
   static resident(data: Float32Array, shape: number[]): Weight {
     return new Weight(shape, tf.tensor(data, shape, 'float32'), null);
   }
 
+  /** A resident nn.Linear weight [out, in], held as [in, out]. */
+  static residentLinear(data: Float32Array, shape: [number, number]): Weight {
+    const transposed = tf.tidy(() => tf.transpose(tf.tensor2d(data, shape, 'float32')));
+    // One multiplication now, so that the wasm backend packs the weight for XNNPACK while loading
+    // rather than in the first forward.
+    tf.tidy(() => {
+      tf.matMul(tf.zeros([1, shape[1]]), transposed);
+    });
+    return new Weight(shape, null, null, transposed);
+  }
+
   static onHost(raw: RawTensor): Weight {
     return new Weight(raw.shape, null, raw);
   }
 
-  /** The float32 tensor; in low-memory mode a fresh one, owned by the enclosing tf.tidy. */
+  /**
+   * The float32 tensor as stored; a fresh one, owned by the enclosing tf.tidy, in low-memory mode
+   * and for a linear weight held transposed.
+   */
   tensor(): tf.Tensor {
-    return this.resident ?? tf.tensor(toFloat32(this.host!), this.shape, 'float32');
+    if (this.resident) return this.resident;
+    if (this.transposed) return tf.transpose(this.transposed);
+    return tf.tensor(widenOnHost(this.host!), this.shape, 'float32');
   }
 
   dispose(): void {
     this.resident?.dispose();
+    this.transposed?.dispose();
   }
+}
+
+/**
+ * A 16-bit weight widened to float32 in one reused host buffer, which the backend copies from when
+ * it makes the tensor. (A fresh array per use costs more than the widening itself: the pages of a
+ * new 235 MB array, Mistral 7B's w1, take about 0.8 s to fault in here; widening into them, 0.06 s.)
+ * Only the wasm backend copies the array at once; the others may keep it, so they get a fresh one.
+ */
+let widenBuffer = new Float32Array(0);
+function widenOnHost(raw: RawTensor): Float32Array {
+  if (raw.dtype === 'float32') return raw.data as Float32Array;
+  const n = raw.data.length;
+  const reuse = tf.getBackend() === 'wasm';
+  if (reuse && widenBuffer.length < n) widenBuffer = new Float32Array(n);
+  const out = reuse ? widenBuffer.subarray(0, n) : new Float32Array(n);
+  widen16(raw.dtype, raw.data as Uint16Array, out);
+  return out;
 }
 
 /** The model's weights by their names in consolidated.00.pth. */
@@ -218,13 +261,23 @@ function replace<T extends tf.Tensor>(old: T, next: T): T {
   return tf.keep(next);
 }
 
-/** nn.Linear without bias: y = x W^T, with W stored as torch stores it, [out, in]. */
+/**
+ * nn.Linear without bias: y = x W^T, with W stored as torch stores it, [out, in].
+ *
+ * How it is multiplied matters on the wasm backend, which runs matMul through XNNPACK only when
+ * neither operand is transposed (else a plain loop, 5 to 40 times slower) and packs the right
+ * operand once per tensor. A resident weight is held as W^T, [in, out]: y = x W^T, packed once. A
+ * low-memory weight is a fresh tensor at every use: y = (W x^T)^T, which packs only the small x^T.
+ * Both sum each output over `in` in the same order, so they give the same bits.
+ */
 function linear(x: tf.Tensor, w: Weight): tf.Tensor {
   return tf.tidy(() => {
     const [outFeatures, inFeatures] = w.shape as [number, number];
     const lead = x.shape.slice(0, -1) as number[];
-    // [..., in] -> [N, in] @ [out, in]^T -> [N, out] -> [..., out]
-    const y = tf.matMul(tf.reshape(x, [-1, inFeatures]), w.tensor() as tf.Tensor2D, false, true);
+    const x2d = tf.reshape(x, [-1, inFeatures]) as tf.Tensor2D; // [N, in]
+    const y = w.transposed
+      ? tf.matMul(x2d, w.transposed) // [N, in] @ [in, out] -> [N, out]
+      : tf.transpose(tf.matMul(w.tensor() as tf.Tensor2D, tf.transpose(x2d))); // ([out, in] @ [in, N])^T
     return tf.reshape(y, [...lead, outFeatures]);
   });
 }
@@ -300,12 +353,12 @@ export class Attention {
       const slots = positions.slice(seqlen - kept).map((p) => p % W); // [kept]
       // scatterPos: [B, kept, 2], pairs (batch row, slot)
       const scatterPos = tf.tensor3d(
-        Array.from({ length: bsz }, (_, b) => slots.map((s) => [b, s])),
+        Array.from({ length: bsz }, (_, b) => slots.flatMap((s) => [b, s])).flat(),
         [bsz, kept, 2],
         'int32',
       );
-      const lastK = tf.slice(xk, [0, seqlen - kept], [bsz, kept]); // [B, kept, K, d]
-      const lastV = tf.slice(xv, [0, seqlen - kept], [bsz, kept]);
+      const lastK = kept === seqlen ? xk : tf.slice(xk, [0, seqlen - kept], [bsz, kept]); // [B, kept, K, d]
+      const lastV = kept === seqlen ? xv : tf.slice(xv, [0, seqlen - kept], [bsz, kept]);
       // Not in one_file_ref.py, whose prefill always starts at position 0: a chunk that continues a
       // sequence (main.py's chunked prefill, a chat turn) also attends to the W-1 positions before
       // it, read from the cache before this chunk overwrites their slots.
@@ -319,34 +372,37 @@ export class Attention {
       this.cacheK = replace(this.cacheK, tf.tensorScatterUpdate(this.cacheK, scatterPos, lastK));
       this.cacheV = replace(this.cacheV, tf.tensorScatterUpdate(this.cacheV, scatterPos, lastV));
 
-      let key: tf.Tensor4D;
-      let value: tf.Tensor4D;
+      let keys: tf.Tensor4D; // [B, C, K, d]
+      let values: tf.Tensor4D;
       if (positions.length > 1) {
         // prefill: attend within this forward's tokens (after the previous ones, if any); the mask
         // keeps it causal and windowed.
-        const keys = previousK ? tf.concat([previousK, xk], 1) : xk; // [B, previous + T, K, d]
-        const values = previousV ? tf.concat([previousV, xv], 1) : xv;
-        [key, value] = repeatKV(keys, values, this.repeats); // [B, C, H, d]
+        keys = previousK ? tf.concat([previousK, xk], 1) : xk; // [B, previous + T, K, d]
+        values = previousV ? tf.concat([previousV, xv], 1) : xv;
       } else {
         // decode: attend to every filled slot of the cache (at most W: the token itself and the
         // W-1 before it). Their order in the buffer does not matter: attention is a weighted sum
         // and the rotary embedding already carries each key's position.
         const curPos = Math.min(positions[positions.length - 1] + 1, W);
-        const cachedK = tf.slice(this.cacheK, [0, 0], [bsz, curPos]) as tf.Tensor4D; // [B, C, K, d]
-        const cachedV = tf.slice(this.cacheV, [0, 0], [bsz, curPos]) as tf.Tensor4D;
-        [key, value] = repeatKV(cachedK, cachedV, this.repeats); // [B, C, H, d]
+        keys = tf.slice(this.cacheK, [0, 0], [bsz, curPos]) as tf.Tensor4D; // [B, C, K, d]
+        values = tf.slice(this.cacheV, [0, 0], [bsz, curPos]) as tf.Tensor4D;
       }
 
-      const query = tf.transpose(xq, [0, 2, 1, 3]); // [B, H, T, d]
-      const keyT = tf.transpose(key, [0, 2, 1, 3]); // [B, H, C, d]
-      const valueT = tf.transpose(value, [0, 2, 1, 3]); // [B, H, C, d]
-      // scores: [B, H, T, C]
+      // Grouped-query attention. The reference copies each key/value head for its `repeats` query
+      // heads (repeat_kv, [B, C, H, d]); grouping the queries by key/value head instead computes the
+      // same scores without the copies: query head h = k * repeats + j reads key/value head k.
+      const [K, r, C] = [this.nKvHeads, this.repeats, keys.shape[1]];
+      // [B, T, H, d] -> [B, T, K, r, d] -> [B, K, r, T, d] -> [B, K, r*T, d]
+      const query = tf.reshape(tf.transpose(tf.reshape(xq, [bsz, seqlen, K, r, headDim]), [0, 2, 3, 1, 4]), [bsz, K, r * seqlen, headDim]);
+      const keyT = tf.transpose(keys, [0, 2, 1, 3]); // [B, K, C, d]
+      const valueT = tf.transpose(values, [0, 2, 1, 3]); // [B, K, C, d]
+      // scores: [B, K, r*T, C], seen as [B, K, r, T, C] = [B, H, T, C] for the mask
       let scores = tf.mul(tf.matMul(query, keyT, false, true), this.scale);
-      if (mask !== null) scores = tf.add(scores, tf.expandDims(tf.expandDims(mask, 0), 0));
+      if (mask !== null) scores = tf.reshape(tf.add(tf.reshape(scores, [bsz, K, r, seqlen, C]), mask), [bsz, K, r * seqlen, C]);
       scores = tf.softmax(scores, -1);
-      const output = tf.matMul(scores, valueT); // [B, H, T, d]
-      // [B, H, T, d] -> [B, T, H, d] -> [B, T, H*d]
-      const merged = tf.reshape(tf.transpose(output, [0, 2, 1, 3]), [bsz, seqlen, this.nHeads * headDim]);
+      const output = tf.matMul(scores, valueT); // [B, K, r*T, d]
+      // [B, K, r, T, d] -> [B, T, K, r, d] -> [B, T, H*d]
+      const merged = tf.reshape(tf.transpose(tf.reshape(output, [bsz, K, r, seqlen, headDim]), [0, 3, 1, 2, 4]), [bsz, seqlen, this.nHeads * headDim]);
       return linear(merged, this.wo) as tf.Tensor3D; // [B, T, D]
     });
   }
@@ -556,7 +612,15 @@ export class Transformer {
     const stateDict: StateDict = new Map();
     for (const [name, shape] of expected) {
       const hostSide = lowMemory && name.startsWith('layers.');
-      stateDict.set(name, hostSide ? Weight.onHost(checkpoint.readRaw(name)) : Weight.resident(checkpoint.read(name), shape));
+      const isLinear = shape.length === 2 && name !== 'tok_embeddings.weight';
+      stateDict.set(
+        name,
+        hostSide
+          ? Weight.onHost(checkpoint.readRaw(name))
+          : isLinear
+            ? Weight.residentLinear(checkpoint.read(name), shape as [number, number])
+            : Weight.resident(checkpoint.read(name), shape),
+      );
     }
     return new Transformer(args, stateDict);
   }
@@ -610,14 +674,24 @@ function chooseLowMemory(args: ModelArgs, wanted: boolean | 'auto', source: stri
   const bytes = residentBytes(args);
   const gib = (n: number): string => `${(n / 1024 ** 3).toFixed(1)} GiB`;
   const fits = (n: number): boolean => limit === undefined || n <= 0.9 * limit;
-  const lowMemory = wanted === 'auto' ? !fits(bytes.full) : wanted;
+  // On wasm, XNNPACK also keeps a packed copy of every resident linear weight (see linear()).
+  let linearLayers = 0;
+  let linearOthers = 0;
+  for (const [name, shape] of stateDictShapes(args)) {
+    if (shape.length !== 2 || name === 'tok_embeddings.weight') continue;
+    if (name.startsWith('layers.')) linearLayers += 4 * shape[0] * shape[1];
+    else linearOthers += 4 * shape[0] * shape[1];
+  }
+  const packed = tf.getBackend() === 'wasm' ? { full: linearLayers + linearOthers, lowMemory: linearOthers } : { full: 0, lowMemory: 0 };
+  const full = bytes.full + packed.full;
+  const lowMemory = wanted === 'auto' ? !fits(full) : wanted;
   if (wanted === 'auto' && lowMemory) {
     process.stderr.write(
-      `low-memory mode: float32 weights need ${gib(bytes.full)}, the backend holds ${gib(limit!)}; ` +
+      `low-memory mode: float32 weights need ${gib(full)}, the backend holds ${gib(limit!)}; ` +
         'layers stay on the host as stored and are widened to float32 one weight at a time\n',
     );
   }
-  const need = lowMemory ? bytes.lowMemory : bytes.full;
+  const need = lowMemory ? bytes.lowMemory + packed.lowMemory : full;
   if (!fits(need)) {
     throw new BackendError(
       `${source}: the model needs ${gib(need)} of float32 tensors${lowMemory ? ' even in low-memory mode' : ''}, ` +
@@ -749,27 +823,31 @@ export async function generate(
     return tf.logSoftmax(model.forward(prefill, tf.range(0, minPromptLen, 1, 'int32') as tf.Tensor1D), -1);
   });
 
-  // The logprob of each prompt token given the ones before it: [B, minPromptLen - 1]
-  const prefillLogprobs = logprobs.arraySync() as number[][][]; // [B, minPromptLen, V]
-  const allLogprobs = inputTokens.map((row, b) =>
-    row.slice(1, minPromptLen).map((id, t) => prefillLogprobs[b][t][id]),
-  );
+  // The logprob of each prompt token given the ones before it, gathered on the backend (reading
+  // back all of [B, T, V] costs more than the forward): logprobs[b, t, inputTokens[b][t + 1]], [B, T - 1]
+  const promptIndices = inputTokens.flatMap((row, b) => row.slice(1, minPromptLen).map((id, t) => [b, t, id]));
+  const promptLogprobs = promptIndices.length
+    ? tf.tidy(() => tf.gatherND(logprobs, tf.tensor2d(promptIndices, [promptIndices.length, 3], 'int32')).dataSync())
+    : new Float32Array(0);
+  const allLogprobs = inputTokens.map((_, b) => Array.from(promptLogprobs.subarray(b * (minPromptLen - 1), (b + 1) * (minPromptLen - 1))));
 
   // decode
   const generated: number[][] = inputTokens.map(() => []);
   let curPos = minPromptLen;
   for (let step = 0; step < maxTokens; step++) {
-    // lastLogprobs: [B, V], the distribution over the token at curPos
-    const lastLogprobs = tf.tidy(() =>
-      tf.reshape(tf.slice(logprobs, [0, logprobs.shape[1] - 1, 0], [bsz, 1, -1]), [bsz, -1]).arraySync(),
-    ) as number[][];
-    const nextToken = lastLogprobs.map((row, b) => {
+    // lastLogprobs: [B, V], the distribution over the token at curPos; only the argmax and the
+    // chosen token's logprob of each row are read back.
+    const lastLogprobs = tf.tidy(() => tf.reshape(tf.slice(logprobs, [0, logprobs.shape[1] - 1, 0], [bsz, 1, -1]), [bsz, -1]));
+    const best = tf.tidy(() => Array.from(tf.argMax(lastLogprobs, -1).dataSync())); // the first maximum, as torch.argmax
+    const nextToken = best.map((id, b) => {
       // Teacher forcing: a row still inside its prompt is fed its own token, not the argmax.
       if (curPos < maxPromptLen && inputMask[b][curPos]) return inputTokens[b][curPos];
-      return argmax(row);
+      return id;
     });
+    const chosen = tf.tidy(() => tf.gatherND(lastLogprobs, tf.tensor2d(nextToken.map((id, b) => [b, id]), [bsz, 2], 'int32')).dataSync());
+    lastLogprobs.dispose();
     nextToken.forEach((id, b) => {
-      allLogprobs[b].push(lastLogprobs[b][id]);
+      allLogprobs[b].push(chosen[b]);
       generated[b].push(id);
     });
     logprobs.dispose();
@@ -786,13 +864,6 @@ export async function generate(
     encodedPrompts.forEach((x, i) => texts.push(tokenizer.decode([...x.slice(0, minPromptLen), ...generated[i]])));
   }
   return { texts, logprobs: allLogprobs, generatedIds: generated };
-}
-
-/** The index of the largest value, the first one on ties (as torch.argmax). */
-function argmax(row: number[]): number {
-  let best = 0;
-  for (let i = 1; i < row.length; i++) if (row[i] > row[best]) best = i;
-  return best;
 }
 
 /**

@@ -2,6 +2,7 @@
  * Widening 16-bit floats to float32. bfloat16 is the top half of a float32, so widening is a
  * 16-bit shift; float16 goes through a table of all 65536 patterns (subnormals, inf and NaN included).
  */
+import * as os from 'os';
 import type { RawTensor } from './types';
 
 /** float16 bits -> float32 bits for all 65536 halves, built on first use. */
@@ -32,7 +33,15 @@ function halfToFloatTable(): Uint32Array {
 /** Writes the float32 values of 16-bit `src` into `dst` (same length) from `dst[offset]` on. */
 export function widen16(dtype: 'bfloat16' | 'float16', src: Uint16Array, dst: Float32Array, offset = 0): void {
   const bits = new Uint32Array(dst.buffer, dst.byteOffset + offset * 4, src.length);
-  if (dtype === 'bfloat16') {
+  if (dtype === 'bfloat16' && os.endianness() === 'LE') {
+    // In bulk, by native copies rather than a loop over JavaScript numbers (about 1.5x faster on
+    // Mistral 7B's layers): each value into the low half of a 32-bit word, whose bytes are then
+    // [lo, hi, 0, 0]; swap32 makes them [0, 0, hi, lo] and swap16 [0, 0, lo, hi], the bf16 on top.
+    bits.set(src);
+    const bytes = Buffer.from(bits.buffer, bits.byteOffset, bits.byteLength);
+    bytes.swap32();
+    bytes.swap16();
+  } else if (dtype === 'bfloat16') {
     for (let i = 0; i < src.length; i++) bits[i] = src[i] << 16;
   } else {
     const table = halfToFloatTable();

@@ -174,7 +174,11 @@ function report(
       `${portInfo.storedBytesPerParam} bytes as stored) / ${(bandwidth.bound / 1e9).toFixed(1)} GB/s = ${(boundS * 1000).toFixed(1)} ms per token, ` +
       `${fmt(1 / boundS)} tokens/s.`,
   );
-  console.log(`figures: the best of ${runs.port} port runs and ${runs.reference} reference runs (${runs.reps} per process), the two sides taking turns.`);
+  console.log(
+    runs.reference > 0
+      ? `figures: the best of ${runs.port} port runs and ${runs.reference} reference runs (${runs.reps} per process), the two sides taking turns.`
+      : `figures: the best of ${runs.port} port runs (${runs.reps} per process); the reference was not run.`,
+  );
   if (!targets) return true;
   const checks: [string, boolean][] = [
     [`prefill >= 1.5x the reference (${ratio(port.prefillTokS, ref?.prefillTokS)})`, ref !== null && port.prefillTokS >= 1.5 * ref.prefillTokS],

@@ -25,8 +25,6 @@ script's, not the reference's.
 """
 import argparse
 import contextlib
-import hashlib
-import importlib
 import json
 import os
 import pickle
@@ -41,8 +39,11 @@ import numpy as np
 import torch
 from torch import nn
 
-REF_FILE = "one_file_ref.py"
-REF_SHA256 = "9aa56d7ce49ac63d70bf9ac9da19dd58fa3e20756dd0ee3b94150863af83ad5c"  # one_file_ref.py at c18d5b9
+# The reference is imported and patched exactly as the parity dumps do it (the mask as written: the
+# benchmark's sequences are shorter than any window it uses).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fixtures"))
+from dump_reference import cuda_is_cpu, import_reference as _import_reference  # noqa: E402
+
 RESULT_MARKER = "BENCH_RESULT "
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -55,62 +56,17 @@ def fail(message):
 # The reference, imported and patched where it assumes CUDA
 
 
-def _cpu(device):
-    if isinstance(device, str) and device.startswith("cuda"):
-        return "cpu"
-    if isinstance(device, torch.device) and device.type == "cuda":
-        return torch.device("cpu")
-    return device
-
-
-class _TorchProxy:
-    """The name `torch` inside one_file_ref: the real torch, except that full() builds on the CPU."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    def full(self, *args, **kwargs):
-        if "device" in kwargs:
-            kwargs["device"] = _cpu(kwargs["device"])
-        return torch.full(*args, **kwargs)
-
-
-def import_reference(ref_dir):
-    path = Path(ref_dir) / REF_FILE
-    if not path.is_file():
-        fail(f"{path} not found: expected an extracted mistral-src checkout (commit c18d5b9); pass --ref DIR")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != REF_SHA256:
-        fail(f"{path} has sha256 {digest}, expected {REF_SHA256} (mistral-src commit c18d5b9)")
-    sys.path.insert(0, str(path.parent))
-    try:
-        ref = importlib.import_module("one_file_ref")
-    finally:
-        sys.path.remove(str(path.parent))
-    ref.torch = _TorchProxy()
-    return ref
-
-
 @contextlib.contextmanager
 def cuda_is_cpu_and_no_init():
-    """Tensor.cuda() is a no-op, Tensor.to(cuda) goes to the CPU, and Linear/Embedding skip their random init."""
-    saved = torch.Tensor.cuda, torch.Tensor.to, nn.Linear.reset_parameters, nn.Embedding.reset_parameters
-    orig_to = saved[1]
-
-    def to(self, *args, **kwargs):
-        args = tuple(_cpu(a) for a in args)
-        if "device" in kwargs:
-            kwargs["device"] = _cpu(kwargs["device"])
-        return orig_to(self, *args, **kwargs)
-
-    torch.Tensor.cuda = lambda self, *a, **k: self
-    torch.Tensor.to = to
+    """fixtures/dump_reference.py's cuda_is_cpu(), and Linear/Embedding skip their random init."""
+    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
     nn.Linear.reset_parameters = lambda self: None
     nn.Embedding.reset_parameters = lambda self: None
     try:
-        yield
+        with cuda_is_cpu():
+            yield
     finally:
-        torch.Tensor.cuda, torch.Tensor.to, nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
 
 
 def cast_caches(model, dtype):
@@ -281,7 +237,7 @@ def main():
     if w.batch_prefill is None:
         w.batch_prefill = w.prefill
     torch.set_num_threads(w.threads)
-    ref = import_reference(w.ref)
+    ref = _import_reference(Path(w.ref), "as-written")
     dtype = DTYPES[w.dtype]
 
     # One model whose caches have a row per batch entry, as the reference allocates them (once, up

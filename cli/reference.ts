@@ -45,13 +45,6 @@ export async function referenceCommand(argv: string[]): Promise<void> {
   const prompts = values.instruct ? values.prompt.map(wrapInstruct) : values.prompt;
   const { tokenizer, transformer } = await loadForCommand(model, values, prompts.length);
   try {
-    // generate() prefills the shortest prompt, then takes maxTokens steps of one position each.
-    const shortest = Math.min(...prompts.map((p) => tokenizer.encode(p).length));
-    if (shortest + maxTokens > MAX_POSITIONS) {
-      throw new UsageError(
-        `--max-tokens ${maxTokens} after a ${shortest}-token prompt runs past position ${MAX_POSITIONS - 1}, the last the model has rotary angles for`,
-      );
-    }
     const start = Date.now();
     const { texts, logprobs, generatedIds } = await generate(prompts, transformer, tokenizer, maxTokens);
     if (values.json) {

@@ -552,7 +552,7 @@ export class Transformer {
    * (the token attends to the cache). Returns logits: [B, T, V] float32; the caller disposes it.
    */
   forward(inputIds: tf.Tensor2D, positions: tf.Tensor1D): tf.Tensor3D {
-    const [bsz, seqlen] = inputIds.shape;
+    const seqlen = inputIds.shape[1];
     const pos = Array.from(positions.dataSync());
     checkForwardInputs(this.args, inputIds, pos);
     try {

@@ -8,8 +8,9 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { CheckpointError, openPth } from '../checkpoint/pth';
+import { openPth } from '../checkpoint/pth';
 import { crc32 } from '../checkpoint/zip';
+import { expectCheckpointError } from './checkpoint_errors';
 
 const FIXTURES = path.join(__dirname, '..', 'fixtures', 'pth');
 const fixture = (name: string): string => path.join(FIXTURES, name);
@@ -30,21 +31,6 @@ const tmpFile = (name: string, bytes: Uint8Array): string => {
   fs.writeFileSync(p, bytes);
   return p;
 };
-
-/** Asserts that `fn` throws a CheckpointError whose one-line message names `file` and matches `problem`. */
-function expectCheckpointError(fn: () => unknown, file: string, problem: RegExp): void {
-  let caught: unknown;
-  try {
-    fn();
-  } catch (err) {
-    caught = err;
-  }
-  expect(caught).toBeInstanceOf(CheckpointError);
-  const message = (caught as Error).message;
-  expect(message).not.toContain('\n');
-  expect(message.startsWith(file)).toBe(true);
-  expect(message).toMatch(problem);
-}
 
 // ---------------------------------------------------------------------------
 // A minimal torch-style pickle writer and zip writer, independent of checkpoint/.

@@ -7,8 +7,8 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { CheckpointError } from '../checkpoint/errors';
 import { readNpy, writeNpy } from '../checkpoint/npy';
+import { expectCheckpointError } from './checkpoint_errors';
 
 const FIXTURES = path.join(__dirname, '..', 'fixtures', 'pth');
 const EXPECTED = JSON.parse(fs.readFileSync(path.join(FIXTURES, 'expected.json'), 'utf8')) as {
@@ -18,20 +18,6 @@ const EXPECTED = JSON.parse(fs.readFileSync(path.join(FIXTURES, 'expected.json')
 const TMP = fs.mkdtempSync(path.join(os.tmpdir(), 'npy-test-'));
 afterAll(() => fs.rmSync(TMP, { recursive: true, force: true }));
 const tmp = (name: string): string => path.join(TMP, name);
-
-function expectNpyError(fn: () => unknown, file: string, problem: RegExp): void {
-  let caught: unknown;
-  try {
-    fn();
-  } catch (err) {
-    caught = err;
-  }
-  expect(caught).toBeInstanceOf(CheckpointError);
-  const message = (caught as Error).message;
-  expect(message).not.toContain('\n');
-  expect(message.startsWith(file)).toBe(true);
-  expect(message).toMatch(problem);
-}
 
 const bits = (a: Float32Array): number[] => Array.from(new Uint32Array(a.buffer, a.byteOffset, a.length));
 
@@ -94,8 +80,8 @@ describe('writeNpy', () => {
   });
 
   it('rejects a shape that does not match the data', () => {
-    expectNpyError(() => writeNpy(tmp('bad.npy'), new Float32Array(6), [4, 2]), tmp('bad.npy'), /shape \[4,2\] has 8 elements but data has 6/);
-    expectNpyError(() => writeNpy(tmp('bad.npy'), new Float32Array(2), [-1, -2]), tmp('bad.npy'), /non-negative/);
+    expectCheckpointError(() => writeNpy(tmp('bad.npy'), new Float32Array(6), [4, 2]), tmp('bad.npy'), /shape \[4,2\] has 8 elements but data has 6/);
+    expectCheckpointError(() => writeNpy(tmp('bad.npy'), new Float32Array(2), [-1, -2]), tmp('bad.npy'), /non-negative/);
   });
 });
 
@@ -111,27 +97,27 @@ describe('readNpy on bad input', () => {
 
   it('rejects Fortran order', () => {
     const file = edited('fortran.npy', "'fortran_order': False", "'fortran_order': True ");
-    expectNpyError(() => readNpy(file), file, /Fortran-order/);
+    expectCheckpointError(() => readNpy(file), file, /Fortran-order/);
   });
 
   it('rejects other dtypes and big-endian data', () => {
     const big = edited('big.npy', "'<f4'", "'>f4'");
-    expectNpyError(() => readNpy(big), big, /unsupported dtype '>f4'/);
+    expectCheckpointError(() => readNpy(big), big, /unsupported dtype '>f4'/);
     const half = edited('half.npy', "'<f4'", "'<f2'");
-    expectNpyError(() => readNpy(half), half, /unsupported dtype '<f2'/);
+    expectCheckpointError(() => readNpy(half), half, /unsupported dtype '<f2'/);
   });
 
   it('rejects a truncated file, a wrong size, a non-.npy file and a missing file', () => {
     const truncated = tmp('truncated.npy');
     fs.writeFileSync(truncated, good.subarray(0, good.length - 1));
-    expectNpyError(() => readNpy(truncated), truncated, /data is 23 bytes but shape \(2,3\) of float32 needs 24/);
+    expectCheckpointError(() => readNpy(truncated), truncated, /data is 23 bytes but shape \(2,3\) of float32 needs 24/);
     const headerOnly = tmp('header-only.npy');
     fs.writeFileSync(headerOnly, good.subarray(0, 40));
-    expectNpyError(() => readNpy(headerOnly), headerOnly, /truncated \.npy header/);
+    expectCheckpointError(() => readNpy(headerOnly), headerOnly, /truncated \.npy header/);
     const text = tmp('text.npy');
     fs.writeFileSync(text, 'hello, world\n');
-    expectNpyError(() => readNpy(text), text, /not a \.npy file/);
-    expectNpyError(() => readNpy(tmp('missing.npy')), tmp('missing.npy'), /cannot read/);
+    expectCheckpointError(() => readNpy(text), text, /not a \.npy file/);
+    expectCheckpointError(() => readNpy(tmp('missing.npy')), tmp('missing.npy'), /cannot read/);
   });
 
   it('rejects int64 values that do not fit in int32', () => {
@@ -139,6 +125,6 @@ describe('readNpy on bad input', () => {
     bytes.writeBigInt64LE(2n ** 40n, bytes.length - 8);
     const file = tmp('i64-big.npy');
     fs.writeFileSync(file, bytes);
-    expectNpyError(() => readNpy(file), file, /int64 value 1099511627776 at index 3 does not fit in int32/);
+    expectCheckpointError(() => readNpy(file), file, /int64 value 1099511627776 at index 3 does not fit in int32/);
   });
 });

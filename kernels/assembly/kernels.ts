@@ -1,0 +1,318 @@
+/**
+ * Matrix products y = W x on WebAssembly SIMD128, for the compute pool (kernels/pool.ts).
+ *
+ * AssemblyScript (TypeScript syntax); built by `npm run build:kernels` into kernels/kernels.wasm.
+ * The module owns no data: every argument is a byte address in the imported memory, which the
+ * host (the pool) lays out. No allocation, no runtime.
+ *
+ * Shapes and layouts
+ *   W  [rows, cols], row-major, element type `dt`: bf16 (0), f16 (1) or f32 (2); W[r, c] at
+ *      w + (r * cols + c) * size(dt).
+ *   x  [T, cols] float32, row-major: token t's input at x + t * cols * 4.
+ *   y  [T, rows] float32, row-major: y[t, r] = sum_c W[r, c] * x[t, c], at y + (t * rows + r) * 4.
+ *   scratch  2 * cols * 4 bytes the kernel may overwrite (used when T > 1 and W is not float32).
+ *
+ * Summation order (the same for every kernel below, so results are reproducible, and bit-identical
+ * whether a row is computed by matvec or matmul, alone or in a group, on whichever thread):
+ *   Let n8 = cols rounded down to a multiple of 8. Two float32x4 accumulators a and b start at 0.
+ *   For c = 0, 8, 16, ... < n8 in increasing order:
+ *     a[j] = a[j] + W[r, c + j] * x[t, c + j]          (j = 0..3; product rounded, then sum rounded)
+ *     b[j] = b[j] + W[r, c + 4 + j] * x[t, c + 4 + j]
+ *   s = a + b (lanewise), then  head = (s[0] + s[1]) + (s[2] + s[3]).
+ *   tail = 0; for c = n8 .. cols-1 in increasing order: tail = tail + W[r, c] * x[t, c].
+ *   y[t, r] = head + tail.
+ * WebAssembly has no fused multiply-add in SIMD128 and forbids contracting mul and add, so every
+ * product and every sum is rounded to float32 exactly where written above. Weights are widened to
+ * float32 exactly (bf16 and f16 values are all representable in float32).
+ */
+
+// Element types (the host uses the same numbers).
+const BF16: i32 = 0;
+const F16: i32 = 1;
+const F32: i32 = 2;
+
+/** log2 of the size in bytes of one element of type `dt`. */
+// @ts-ignore: decorator
+@inline function sizeLog2(dt: i32): i32 {
+  return dt == F32 ? 2 : 1;
+}
+
+/**
+ * Eight f16 values (as u16 lanes of an i32x4, already zero-extended) to float32 bit patterns, with
+ * integer operations (SIMD128 has no f16):
+ *   sign  moves from bit 15 to bit 31;
+ *   normal numbers: exponent and mantissa shifted left by 13, exponent rebased from 15 to 127 (add 112 << 23);
+ *   inf and nan (exponent 31): rebased to 255 (add 112 << 23 once more); the nan payload is kept;
+ *   zero and subnormals (exponent 0): value = mantissa * 2^-24, computed as float32 from the integer
+ *   mantissa (exact: an integer below 1024 times a power of two; the result is a normal float32).
+ */
+// @ts-ignore: decorator
+@inline function f16ToF32Bits(h: v128): v128 {
+  const sign = i32x4.shl(v128.and(h, i32x4.splat(0x8000)), 16);
+  const em = v128.and(h, i32x4.splat(0x7fff));
+  const exponent = v128.and(em, i32x4.splat(0x7c00));
+  const infOrNan = i32x4.eq(exponent, i32x4.splat(0x7c00));
+  const zeroOrSub = i32x4.eq(exponent, i32x4.splat(0));
+  let bits = i32x4.add(i32x4.shl(em, 13), i32x4.splat(112 << 23));
+  bits = i32x4.add(bits, v128.and(infOrNan, i32x4.splat(112 << 23)));
+  const sub = f32x4.mul(f32x4.convert_i32x4_u(em), f32x4.splat(5.9604644775390625e-8)); // 2^-24
+  return v128.or(v128.bitselect(sub, bits, zeroOrSub), sign);
+}
+
+/** Widens four 16-bit lanes (already zero-extended to i32x4) of type `dt` to float32. */
+// @ts-ignore: decorator
+@inline function widen16(dt: i32, u: v128): v128 {
+  if (dt == BF16) return i32x4.shl(u, 16); // bf16 is the top half of a float32
+  return f16ToF32Bits(u);
+}
+
+/** Columns c..c+3 of the row at `p` (p = address of W[r, c]) as float32x4. */
+// @ts-ignore: decorator
+@inline function wLow(dt: i32, p: usize): v128 {
+  if (dt == F32) return v128.load(p);
+  return widen16(dt, i32x4.extend_low_i16x8_u(v128.load(p)));
+}
+
+/** Columns c+4..c+7 of the row at `p` (p = address of W[r, c]) as float32x4. */
+// @ts-ignore: decorator
+@inline function wHigh(dt: i32, p: usize): v128 {
+  if (dt == F32) return v128.load(p, 16);
+  return widen16(dt, i32x4.extend_high_i16x8_u(v128.load(p)));
+}
+
+/** One f16 value (in the low 16 bits) to float32, the scalar twin of f16ToF32Bits. */
+// @ts-ignore: decorator
+@inline function f16ToF32(h: u32): f32 {
+  const sign = (h & 0x8000) << 16;
+  const em = h & 0x7fff;
+  const exponent = em & 0x7c00;
+  if (exponent == 0) return reinterpret<f32>(reinterpret<u32>(<f32>em * 5.9604644775390625e-8) | sign);
+  let bits = (em << 13) + (112 << 23);
+  if (exponent == 0x7c00) bits += 112 << 23;
+  return reinterpret<f32>(bits | sign);
+}
+
+/** W[r, c] as float32, where `row` is the address of W[r, 0]. */
+// @ts-ignore: decorator
+@inline function wAt(dt: i32, row: usize, c: i32): f32 {
+  if (dt == F32) return load<f32>(row + (<usize>c << 2));
+  const h = <u32>load<u16>(row + (<usize>c << 1));
+  if (dt == BF16) return reinterpret<f32>(h << 16);
+  return f16ToF32(h);
+}
+
+/** a * b + acc on float32x4, rounded twice (no fma). */
+// @ts-ignore: decorator
+@inline function madd(acc: v128, a: v128, b: v128): v128 {
+  return f32x4.add(acc, f32x4.mul(a, b));
+}
+
+/** head = (s[0] + s[1]) + (s[2] + s[3]) with s = a + b; then head + tail. */
+// @ts-ignore: decorator
+@inline function finish(a: v128, b: v128, tail: f32): f32 {
+  const s = f32x4.add(a, b);
+  const head = (f32x4.extract_lane(s, 0) + f32x4.extract_lane(s, 1)) + (f32x4.extract_lane(s, 2) + f32x4.extract_lane(s, 3));
+  return head + tail;
+}
+
+/** The columns n8..cols-1 of one dot product, in order. */
+// @ts-ignore: decorator
+@inline function tailDot(dt: i32, row: usize, x: usize, n8: i32, cols: i32): f32 {
+  let tail: f32 = 0;
+  for (let c = n8; c < cols; c++) tail += wAt(dt, row, c) * load<f32>(x + (<usize>c << 2));
+  return tail;
+}
+
+/** y[t, r] for one row and one token: the definition every other kernel reproduces. */
+// @ts-ignore: decorator
+@inline function dot1x1(dt: i32, row: usize, x: usize, cols: i32): f32 {
+  const n8 = cols & ~7;
+  let a = f32x4.splat(0);
+  let b = f32x4.splat(0);
+  for (let c = 0; c < n8; c += 8) {
+    const p = row + (<usize>c << sizeLog2(dt));
+    const q = x + (<usize>c << 2);
+    a = madd(a, wLow(dt, p), v128.load(q));
+    b = madd(b, wHigh(dt, p), v128.load(q, 16));
+  }
+  return finish(a, b, tailDot(dt, row, x, n8, cols));
+}
+
+/**
+ * Matrix-vector (one token): rows in groups of 4, each of the 4 rows with its own two accumulators,
+ * sharing the loads of x; the last rows % 4 rows one at a time. The weights stream from memory once.
+ */
+// @ts-ignore: decorator
+@inline function matvec(dt: i32, w: usize, x: usize, y: usize, rows: i32, cols: i32): void {
+  const n8 = cols & ~7;
+  const rowBytes = <usize>cols << sizeLog2(dt);
+  let r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const w0 = w + <usize>r * rowBytes;
+    const w1 = w0 + rowBytes;
+    const w2 = w1 + rowBytes;
+    const w3 = w2 + rowBytes;
+    let a0 = f32x4.splat(0), b0 = f32x4.splat(0);
+    let a1 = f32x4.splat(0), b1 = f32x4.splat(0);
+    let a2 = f32x4.splat(0), b2 = f32x4.splat(0);
+    let a3 = f32x4.splat(0), b3 = f32x4.splat(0);
+    for (let c = 0; c < n8; c += 8) {
+      const off = <usize>c << sizeLog2(dt);
+      const q = x + (<usize>c << 2);
+      const xl = v128.load(q);
+      const xh = v128.load(q, 16);
+      a0 = madd(a0, wLow(dt, w0 + off), xl);
+      b0 = madd(b0, wHigh(dt, w0 + off), xh);
+      a1 = madd(a1, wLow(dt, w1 + off), xl);
+      b1 = madd(b1, wHigh(dt, w1 + off), xh);
+      a2 = madd(a2, wLow(dt, w2 + off), xl);
+      b2 = madd(b2, wHigh(dt, w2 + off), xh);
+      a3 = madd(a3, wLow(dt, w3 + off), xl);
+      b3 = madd(b3, wHigh(dt, w3 + off), xh);
+    }
+    const out = y + (<usize>r << 2);
+    store<f32>(out, finish(a0, b0, tailDot(dt, w0, x, n8, cols)));
+    store<f32>(out, finish(a1, b1, tailDot(dt, w1, x, n8, cols)), 4);
+    store<f32>(out, finish(a2, b2, tailDot(dt, w2, x, n8, cols)), 8);
+    store<f32>(out, finish(a3, b3, tailDot(dt, w3, x, n8, cols)), 12);
+  }
+  for (; r < rows; r++) store<f32>(y + (<usize>r << 2), dot1x1(dt, w + <usize>r * rowBytes, x, cols));
+}
+
+/** Row `src` (cols elements of type dt) widened to float32 at `dst`. */
+// @ts-ignore: decorator
+@inline function widenRow(dt: i32, src: usize, dst: usize, cols: i32): void {
+  const n8 = cols & ~7;
+  for (let c = 0; c < n8; c += 8) {
+    const p = src + (<usize>c << sizeLog2(dt));
+    const q = dst + (<usize>c << 2);
+    v128.store(q, wLow(dt, p));
+    v128.store(q, wHigh(dt, p), 16);
+  }
+  for (let c = n8; c < cols; c++) store<f32>(dst + (<usize>c << 2), wAt(dt, src, c));
+}
+
+/**
+ * Matrix-matrix (T tokens). Tokens go in blocks whose inputs fit in a core's L2 cache (about
+ * 512 KiB of x). Within a block, rows go in pairs: the pair is widened to float32 once into
+ * `scratch` (2 * cols * 4 bytes; float32 weights are used in place), then meets the block's tokens
+ * two at a time (a 2x2 tile: 8 accumulators, few enough for the 16 vector registers of x86-64), so
+ * the weights are read from memory once per block and widened once per block. An odd last token
+ * is a 2x1 tile, an odd last row 1x1 tiles; every entry keeps the summation order at the top.
+ */
+// @ts-ignore: decorator
+@inline function matmul(dt: i32, w: usize, x: usize, y: usize, rows: i32, cols: i32, T: i32, scratch: usize): void {
+  if (T == 1) {
+    matvec(dt, w, x, y, rows, cols);
+    return;
+  }
+  const n8 = cols & ~7;
+  const rowBytes = <usize>cols << sizeLog2(dt);
+  const xBytes = <usize>cols << 2;
+  let block = <i32>(<usize>(512 * 1024) / xBytes) & ~1;
+  if (block < 2) block = 2;
+  for (let t0 = 0; t0 < T; t0 += block) {
+    const t1 = min(T, t0 + block);
+    let r = 0;
+    for (; r + 2 <= rows; r += 2) {
+      let w0 = w + <usize>r * rowBytes;
+      let w1 = w0 + rowBytes;
+      if (dt != F32) {
+        widenRow(dt, w0, scratch, cols);
+        widenRow(dt, w1, scratch + xBytes, cols);
+        w0 = scratch;
+        w1 = scratch + xBytes;
+      }
+      // From here w0 and w1 are float32 rows.
+      let t = t0;
+      for (; t + 2 <= t1; t += 2) {
+        const x0 = x + <usize>t * xBytes;
+        const x1 = x0 + xBytes;
+        let a00 = f32x4.splat(0), b00 = f32x4.splat(0); // row 0, token 0
+        let a01 = f32x4.splat(0), b01 = f32x4.splat(0); // row 0, token 1
+        let a10 = f32x4.splat(0), b10 = f32x4.splat(0); // row 1, token 0
+        let a11 = f32x4.splat(0), b11 = f32x4.splat(0); // row 1, token 1
+        for (let c = 0; c < n8; c += 8) {
+          const off = <usize>c << 2;
+          const x0l = v128.load(x0 + off), x0h = v128.load(x0 + off, 16);
+          const x1l = v128.load(x1 + off), x1h = v128.load(x1 + off, 16);
+          const w0l = v128.load(w0 + off);
+          a00 = madd(a00, w0l, x0l);
+          a01 = madd(a01, w0l, x1l);
+          const w0h = v128.load(w0 + off, 16);
+          b00 = madd(b00, w0h, x0h);
+          b01 = madd(b01, w0h, x1h);
+          const w1l = v128.load(w1 + off);
+          a10 = madd(a10, w1l, x0l);
+          a11 = madd(a11, w1l, x1l);
+          const w1h = v128.load(w1 + off, 16);
+          b10 = madd(b10, w1h, x0h);
+          b11 = madd(b11, w1h, x1h);
+        }
+        const y0 = y + ((<usize>t * <usize>rows + <usize>r) << 2); // y[t, r]
+        const y1 = y0 + (<usize>rows << 2); //                           y[t + 1, r]
+        store<f32>(y0, finish(a00, b00, tailDot(F32, w0, x0, n8, cols)));
+        store<f32>(y1, finish(a01, b01, tailDot(F32, w0, x1, n8, cols)));
+        store<f32>(y0, finish(a10, b10, tailDot(F32, w1, x0, n8, cols)), 4);
+        store<f32>(y1, finish(a11, b11, tailDot(F32, w1, x1, n8, cols)), 4);
+      }
+      if (t < t1) {
+        // The block's odd last token: a 2x1 tile.
+        const x0 = x + <usize>t * xBytes;
+        let a0 = f32x4.splat(0), b0 = f32x4.splat(0);
+        let a1 = f32x4.splat(0), b1 = f32x4.splat(0);
+        for (let c = 0; c < n8; c += 8) {
+          const off = <usize>c << 2;
+          const xl = v128.load(x0 + off), xh = v128.load(x0 + off, 16);
+          a0 = madd(a0, v128.load(w0 + off), xl);
+          b0 = madd(b0, v128.load(w0 + off, 16), xh);
+          a1 = madd(a1, v128.load(w1 + off), xl);
+          b1 = madd(b1, v128.load(w1 + off, 16), xh);
+        }
+        const y0 = y + ((<usize>t * <usize>rows + <usize>r) << 2);
+        store<f32>(y0, finish(a0, b0, tailDot(F32, w0, x0, n8, cols)));
+        store<f32>(y0, finish(a1, b1, tailDot(F32, w1, x0, n8, cols)), 4);
+      }
+    }
+    if (r < rows) {
+      // The odd last row: 1x1 for each token of the block.
+      const w0 = w + <usize>r * rowBytes;
+      for (let t = t0; t < t1; t++) {
+        store<f32>(y + ((<usize>t * <usize>rows + <usize>r) << 2), dot1x1(dt, w0, x + <usize>t * xBytes, cols));
+      }
+    }
+  }
+}
+
+/** y = W x for T tokens of float32 input, W in bf16. See the top of the file for layouts and order. */
+export function matmul_bf16(w: usize, x: usize, y: usize, rows: i32, cols: i32, T: i32, scratch: usize): void {
+  matmul(BF16, w, x, y, rows, cols, T, scratch);
+}
+
+/** y = W x for T tokens of float32 input, W in f16 (IEEE binary16). */
+export function matmul_f16(w: usize, x: usize, y: usize, rows: i32, cols: i32, T: i32, scratch: usize): void {
+  matmul(F16, w, x, y, rows, cols, T, scratch);
+}
+
+/** y = W x for T tokens of float32 input, W in float32. */
+export function matmul_f32(w: usize, x: usize, y: usize, rows: i32, cols: i32, T: i32, scratch: usize): void {
+  matmul(F32, w, x, y, rows, cols, T, scratch);
+}
+
+/**
+ * Reads `bytes` bytes from `p` (a multiple of 64) as fast as the core can, for the bandwidth bound
+ * the bench compares the products with; returns a value that depends on every byte, so the reads
+ * cannot be optimized away.
+ */
+export function scan(p: usize, bytes: usize): i32 {
+  let s0 = i32x4.splat(0), s1 = i32x4.splat(0), s2 = i32x4.splat(0), s3 = i32x4.splat(0);
+  const end = p + (bytes & ~(<usize>63));
+  for (let q = p; q < end; q += 64) {
+    s0 = i32x4.add(s0, v128.load(q));
+    s1 = i32x4.add(s1, v128.load(q, 16));
+    s2 = i32x4.add(s2, v128.load(q, 32));
+    s3 = i32x4.add(s3, v128.load(q, 48));
+  }
+  const s = i32x4.add(i32x4.add(s0, s1), i32x4.add(s2, s3));
+  return i32x4.extract_lane(s, 0) ^ i32x4.extract_lane(s, 1) ^ i32x4.extract_lane(s, 2) ^ i32x4.extract_lane(s, 3);
+}

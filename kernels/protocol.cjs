@@ -1,0 +1,38 @@
+'use strict';
+/**
+ * The layout of the pool's shared control block (an Int32Array over a SharedArrayBuffer), shared by
+ * kernels/pool.ts (the main thread), kernels/supervisor.cjs and kernels/worker.cjs.
+ *
+ * A call: the main thread writes each worker's jobs, stores OP and PENDING (the number of workers),
+ * adds 1 to SEQ and notifies SEQ. Each worker, woken from Atomics.wait on SEQ, does its jobs and
+ * subtracts 1 from PENDING; the last one notifies PENDING, on which the main thread waits (after
+ * doing its own jobs). A failure stores a thread index in FAULT (the first wins), its message in
+ * the message buffer, and notifies PENDING, so the main thread never waits for a dead worker.
+ */
+module.exports = Object.freeze({
+  SEQ: 0, // incremented once per call
+  PENDING: 1, // workers yet to finish the current call
+  FAULT: 2, // 0, or the index (1..N-1) of the first thread that failed
+  OP: 3, // what the current call asks: OP_RUN, OP_TAKE_MEMORIES or OP_STOP
+  KILL: 4, // test hook: index of a worker to be terminated during the next OP_RUN, else 0
+  MSG_LEN: 5, // bytes of the fault message in the message buffer
+  NEVER: 6, // never notified: a worker to be killed waits here
+  OP_RUN: 1,
+  OP_TAKE_MEMORIES: 2,
+  OP_STOP: 3,
+  // Job kinds: the weight's element type (as the kernels number them), or a read-only scan.
+  KIND_BF16: 0,
+  KIND_F16: 1,
+  KIND_F32: 2,
+  KIND_SCAN: 3,
+  // Worker k's jobs (k = 1..N-1) start at JOBS + (k - 1) * STRIDE: a count, then up to MAX_JOBS
+  // jobs of FIELDS words: kind, memory index, w, x, y, rows, cols, T, scratch (addresses as uint32).
+  JOBS: 16,
+  MAX_JOBS: 16,
+  FIELDS: 9,
+  STRIDE: 1 + 16 * 9,
+  MSG_BYTES: 1024,
+  words(threads) {
+    return 16 + Math.max(0, threads - 1) * (1 + 16 * 9);
+  },
+});

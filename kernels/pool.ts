@@ -26,6 +26,19 @@ import { Worker, MessageChannel, MessagePort } from 'worker_threads';
 // eslint-disable-next-line @typescript-eslint/no-require-imports
 const P = require('./protocol.cjs') as Protocol;
 
+/** The parts of the WebAssembly API used here (this project's tsconfig has no DOM lib to declare them). */
+interface WasmMemory {
+  readonly buffer: SharedArrayBuffer;
+  grow(pages: number): number;
+}
+type WasmModule = object;
+interface WasmApi {
+  Memory: new (desc: { initial: number; maximum: number; shared: boolean }) => WasmMemory;
+  Instance: new (module: WasmModule, imports: object) => { exports: object };
+  compile(bytes: Uint8Array): Promise<WasmModule>;
+}
+const WebAssembly = (globalThis as unknown as { WebAssembly: WasmApi }).WebAssembly;
+
 interface Protocol {
   SEQ: number; PENDING: number; FAULT: number; OP: number; KILL: number; MSG_LEN: number;
   OP_RUN: number; OP_TAKE_MEMORIES: number; OP_STOP: number;
@@ -77,7 +90,7 @@ interface Kernels {
 }
 
 interface Memory {
-  readonly memory: WebAssembly.Memory;
+  readonly memory: WasmMemory;
   readonly index: number; // among its thread's memories
   kernels?: Kernels; // the main thread's own memories only
   top: number; // first free byte after the weights
@@ -127,7 +140,7 @@ interface Job {
 export class ComputePool {
   readonly threads: number;
   private readonly memoryLimit: number;
-  private readonly module: WebAssembly.Module;
+  private readonly module: WasmModule;
   private readonly control: Int32Array;
   private readonly controlU32: Uint32Array;
   private readonly message: Uint8Array;
@@ -142,7 +155,7 @@ export class ComputePool {
   private constructor(
     threads: number,
     memoryLimit: number,
-    module: WebAssembly.Module,
+    module: WasmModule,
     control: SharedArrayBuffer,
     message: SharedArrayBuffer,
     supervisor: Worker | null,
@@ -170,7 +183,7 @@ export class ComputePool {
       throw new Error(`compute pool: memoryLimitBytes must be from ${PAGE} to ${DEFAULT_MEMORY_LIMIT}, got ${limit}`);
     }
     const wasmPath = opts.wasmPath ?? path.join(__dirname, 'kernels.wasm');
-    let module: WebAssembly.Module;
+    let module: WasmModule;
     try {
       module = await WebAssembly.compile(fs.readFileSync(wasmPath));
     } catch (err) {

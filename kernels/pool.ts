@@ -322,9 +322,9 @@ export class ComputePool {
       throw new Error(`compute pool: ${ws[0].name}: input of ${x.length} floats is not T=${T} tokens of ${cols}`);
     }
     const outs = ws.map((w) => new Float32Array(T * w.rows));
-    // Per memory: one copy of x plus each shard's output, per token; scratch for widening.
+    // Per memory and token: x, the kernels' rearranged x (in their scratch), each shard's output.
     const perToken = new Map<Memory, number>();
-    for (const w of ws) for (const s of w.shards) perToken.set(s.mem, (perToken.get(s.mem) ?? cols * 4) + (s.rowEnd - s.rowStart) * 4);
+    for (const w of ws) for (const s of w.shards) perToken.set(s.mem, (perToken.get(s.mem) ?? 2 * cols * 4) + (s.rowEnd - s.rowStart) * 4);
     const jobsPerThread = new Array<number>(this.threads).fill(0);
     for (const w of ws) for (const s of w.shards) jobsPerThread[s.thread]++;
     if (Math.max(...jobsPerThread) > P.MAX_JOBS) throw new Error(`compute pool: more than ${P.MAX_JOBS} weights in one call`);
@@ -336,11 +336,12 @@ export class ComputePool {
       const jobs: Job[] = [];
       const placed = new Map<Memory, { x: number; next: number; scratch: number }>();
       for (const [mem, bytesPerToken] of perToken) {
-        const scratchBytes = align(2 * cols * 4);
-        this.ensureIo(mem, align(bytesPerToken * tc + ALIGN * (ws.length + 1)) + scratchBytes);
+        const scratchBytes = align((tc + 2) * cols * 4); // see `scratch` in kernels/assembly/kernels.ts
+        this.ensureIo(mem, align(bytesPerToken * tc + ALIGN * (ws.length + 2)) + align(2 * cols * 4));
         const xPtr = mem.ioStart;
         new Float32Array(mem.memory.buffer, xPtr, tc * cols).set(xs);
-        placed.set(mem, { x: xPtr, scratch: xPtr + align(tc * cols * 4), next: xPtr + align(tc * cols * 4) + scratchBytes });
+        const scratch = xPtr + align(tc * cols * 4);
+        placed.set(mem, { x: xPtr, scratch, next: scratch + scratchBytes });
       }
       for (const w of ws) {
         for (const s of w.shards) {

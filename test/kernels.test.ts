@@ -204,6 +204,45 @@ describe('kernels: reproducible', () => {
     }
   });
 
+  it('follows the summation order its source states, bit for bit (a float32 emulation in JavaScript)', async () => {
+    const f = Math.fround;
+    /** The order stated at the top of kernels/assembly/kernels.ts. */
+    function stated(w: Float64Array, wOff: number, x: Float32Array, xOff: number, cols: number): number {
+      const n8 = cols & ~7;
+      const a = [0, 0, 0, 0];
+      const b = [0, 0, 0, 0];
+      for (let c = 0; c < n8; c += 8) {
+        for (let j = 0; j < 4; j++) {
+          a[j] = f(a[j] + f(w[wOff + c + 2 * j] * x[xOff + c + 2 * j]));
+          b[j] = f(b[j] + f(w[wOff + c + 2 * j + 1] * x[xOff + c + 2 * j + 1]));
+        }
+      }
+      const sum = a.map((v, j) => f(v + b[j]));
+      const head = f(f(sum[0] + sum[1]) + f(sum[2] + sum[3]));
+      let tail = 0;
+      for (let c = n8; c < cols; c++) tail = f(tail + f(w[wOff + c] * x[xOff + c]));
+      return f(head + tail);
+    }
+    const p = await pool(2);
+    for (const dtype of ['bf16', 'f16', 'f32'] as const) {
+      for (const [rows, cols, T] of [[7, 45, 3], [4, 16, 1], [3, 4099, 5]]) {
+        const { bytes, values } = randomWeight(dtype, rows, cols, 11 * rows + cols);
+        const h = load(p, `order-${dtype}-${rows}x${cols}`, dtype, rows, cols, bytes);
+        const x = randomInput(T * cols, 5);
+        const y = p.matmul(h, x, T);
+        for (let t = 0; t < T; t++) {
+          for (let r = 0; r < rows; r++) {
+            const want = stated(values, r * cols, x, t * cols, cols);
+            if (y[t * rows + r] !== want) expect(y[t * rows + r], `${dtype} [${rows}, ${cols}] T=${T} y[${t}, ${r}]`).toBe(want);
+          }
+        }
+        // A float32 weight holding the same values gives the same bits as the 16-bit one.
+        const hf = load(p, `order-f32-of-${dtype}-${rows}x${cols}`, 'f32', rows, cols, new Uint8Array(Float32Array.from(values).buffer));
+        expect(Array.from(bits(p.matmul(hf, x, T)))).toEqual(Array.from(bits(y)));
+      }
+    }
+  });
+
   it('fused products equal single ones; weights spread over several memories per thread give the same bits', async () => {
     const one = await pool(2);
     const many = await pool(2, 256 * 1024); // a new memory every ~4 weights below

@@ -43,65 +43,74 @@ function fillRandom(pool: ComputePool, h: WeightHandle, seed: number): void {
   }
 }
 
-function best(fn: () => void): number {
-  fn(); // warm
-  let b = Infinity;
-  for (let i = 0; i < reps; i++) {
-    const t0 = performance.now();
-    fn();
-    b = Math.min(b, performance.now() - t0);
-  }
-  return b / 1000;
-}
-
 async function main(): Promise<void> {
   console.log(`bench/kernels.ts: ${os.cpus().length} cores (${os.cpus()[0]?.model ?? '?'}), load average ${os.loadavg().map((l) => l.toFixed(1)).join(' ')}, best of ${reps}`);
-  const rows: string[][] = [];
-  const summary: Record<string, number> = {};
-  for (const threads of threadCounts) {
-    const pool = await ComputePool.start({ threads });
-    try {
+  // Every pool at once, and every measurement taken in turn within each repetition, so that a
+  // shared machine's quiet and busy moments fall on all of them alike: compare the ratios.
+  const pools = await Promise.all(threadCounts.map((threads) => ComputePool.start({ threads })));
+  try {
+    const tasks: { key: string; bytes: number; run: () => void; best: number }[] = [];
+    for (const pool of pools) {
       const hs = SHAPES.map((s, i) => {
         const h = pool.addWeight(s.name, s.rows, s.cols, 'bf16');
         fillRandom(pool, h, 1 + i);
         return h;
       });
-      let bytesAll = 0;
-      let matvecAll = 0;
       for (const h of hs) {
-        const bytes = h.rows * h.rowBytes;
         const x1 = new Float32Array(h.cols).map((_, i) => Math.sin(i));
         const x64 = new Float32Array(64 * h.cols).map((_, i) => Math.cos(i));
-        const tv = best(() => pool.matmul(h, x1, 1));
-        const tp = best(() => pool.matmul(h, x64, 64));
-        bytesAll += bytes;
-        matvecAll += tv;
-        rows.push([`${threads}`, h.name, `${(bytes / tv / GB).toFixed(2)}`, `${(tv * 1e3).toFixed(2)}`,
-          `${(tp * 1e3).toFixed(1)}`, `${(64 * tv * 1e3).toFixed(1)}`, `${(tp / (64 * tv)).toFixed(3)}`]);
+        const bytes = h.rows * h.rowBytes;
+        tasks.push({ key: `${pool.threads}|${h.name}|matvec`, bytes, run: () => void pool.matmul(h, x1, 1), best: Infinity });
+        tasks.push({ key: `${pool.threads}|${h.name}|prefill`, bytes, run: () => void pool.matmul(h, x64, 64), best: Infinity });
       }
-      const bytesScanned = pool.scan(hs);
-      const ts = best(() => pool.scan(hs));
-      summary[`matvec GB/s, ${threads} thread(s), all three matrices`] = bytesAll / matvecAll / GB;
-      summary[`bandwidth bound GB/s (SIMD sum), ${threads} thread(s)`] = bytesScanned / ts / GB;
-    } finally {
-      await pool.close();
+      const scanned = hs.reduce((n, h) => n + h.rows * h.rowBytes, 0);
+      tasks.push({ key: `${pool.threads}|scan`, bytes: scanned, run: () => void pool.scan(hs), best: Infinity });
     }
-  }
-  const head = ['threads', 'matrix', 'matvec GB/s', 'matvec ms', 'prefill 64 ms', '64 x matvec ms', 'prefill / 64 matvecs'];
-  const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
-  const line = (r: string[]): string => r.map((c, i) => c.padStart(widths[i])).join('  ');
-  console.log(line(head));
-  for (const r of rows) console.log(line(r));
-  for (const [k, v] of Object.entries(summary)) console.log(`${k}: ${v.toFixed(2)}`);
-  const all = threadCounts[threadCounts.length - 1];
-  const bound = summary[`bandwidth bound GB/s (SIMD sum), ${all} thread(s)`];
-  for (const t of threadCounts) {
-    console.log(`matvec on ${t} thread(s) / bound on ${all}: ${(summary[`matvec GB/s, ${t} thread(s), all three matrices`] / bound).toFixed(3)}`);
-  }
-  if (threadCounts.length > 1) {
-    const a = summary[`matvec GB/s, ${threadCounts[0]} thread(s), all three matrices`];
-    const b = summary[`matvec GB/s, ${all} thread(s), all three matrices`];
-    console.log(`matvec speed-up ${threadCounts[0]} -> ${all} threads: ${(b / a).toFixed(2)}x`);
+    for (const t of tasks) t.run(); // warm
+    for (let rep = 0; rep < reps; rep++) {
+      for (let i = 0; i < tasks.length; i++) {
+        const t = tasks[(i + rep) % tasks.length];
+        const t0 = performance.now();
+        t.run();
+        t.best = Math.min(t.best, (performance.now() - t0) / 1000);
+      }
+    }
+    const get = (key: string): { bytes: number; best: number } => tasks.find((t) => t.key === key)!;
+    const head = ['threads', 'matrix', 'matvec GB/s', 'matvec ms', 'prefill 64 ms', '64 x matvec ms', 'prefill / 64 matvecs'];
+    const rows: string[][] = [];
+    const matvecRate = new Map<number, number>();
+    for (const threads of threadCounts) {
+      let bytes = 0;
+      let seconds = 0;
+      for (const s of SHAPES) {
+        const v = get(`${threads}|${s.name}|matvec`);
+        const p = get(`${threads}|${s.name}|prefill`);
+        bytes += v.bytes;
+        seconds += v.best;
+        rows.push([`${threads}`, s.name, (v.bytes / v.best / GB).toFixed(2), (v.best * 1e3).toFixed(2),
+          (p.best * 1e3).toFixed(1), (64 * v.best * 1e3).toFixed(1), (p.best / (64 * v.best)).toFixed(3)]);
+      }
+      matvecRate.set(threads, bytes / seconds / GB);
+    }
+    const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
+    const line = (r: string[]): string => r.map((c, i) => c.padStart(widths[i])).join('  ');
+    console.log(line(head));
+    for (const r of rows) console.log(line(r));
+    const all = threadCounts[threadCounts.length - 1];
+    for (const threads of threadCounts) {
+      const scan = get(`${threads}|scan`);
+      console.log(`${threads} thread(s): matvec ${matvecRate.get(threads)!.toFixed(2)} GB/s over the three matrices; read bound (SIMD sum over the same memories) ${(scan.bytes / scan.best / GB).toFixed(2)} GB/s`);
+    }
+    const boundScan = get(`${all}|scan`);
+    const bound = boundScan.bytes / boundScan.best / GB;
+    for (const threads of threadCounts) {
+      console.log(`matvec on ${threads} thread(s) / read bound on ${all}: ${(matvecRate.get(threads)! / bound).toFixed(3)}`);
+    }
+    if (threadCounts.length > 1) {
+      console.log(`matvec speed-up ${threadCounts[0]} -> ${all} threads: ${(matvecRate.get(all)! / matvecRate.get(threadCounts[0])!).toFixed(2)}x`);
+    }
+  } finally {
+    await Promise.all(pools.map((p) => p.close()));
   }
 }
 

@@ -388,6 +388,11 @@ export class ComputePool {
     return bytes;
   }
 
+  /** How many wasm memories each thread holds. */
+  memoryCounts(): number[] {
+    return this.mems.map((ms) => ms.length);
+  }
+
   /** Bytes of wasm memory per thread (all its memories), for leak checks and reports. */
   memoryBytes(): number[] {
     return this.mems.map((ms) => ms.reduce((sum, m) => sum + m.memory.buffer.byteLength, 0));

@@ -266,6 +266,33 @@ describe('kernels: reproducible', () => {
     expect(Array.from(bits(many.matmul(h, x, 5)))).toEqual(Array.from(bits(one.matmul(a[0], x, 5).filter((_, k) => k % 40 < 10))));
   });
 
+  it("places Mistral 7B's 14.2 GB of bf16 layer and output weights in memories of at most 4 GiB (reserved, not touched)", async () => {
+    const layer: [string, number, number][] = [
+      ['wq', 4096, 4096], ['wk', 1024, 4096], ['wv', 1024, 4096], ['wo', 4096, 4096],
+      ['w1', 14336, 4096], ['w2', 4096, 14336], ['w3', 14336, 4096],
+    ];
+    const expected: Record<number, number[]> = { 4: [1, 1, 1, 1], 2: [2, 2], 1: [4] };
+    for (const threads of [4, 2, 1]) {
+      const p = await ComputePool.start({ threads });
+      try {
+        let bytes = 0;
+        for (let l = 0; l < 32; l++) {
+          for (const [n, rows, cols] of layer) bytes += p.addWeight(`layers.${l}.${n}`, rows, cols, 'bf16').rowBytes * rows;
+        }
+        bytes += p.addWeight('output', 32000, 4096, 'bf16').rowBytes * 32000;
+        // The README's 7,241,732,096 parameters less the embeddings (32000 x 4096) and the norms (65 x 4096), in bf16.
+        expect(bytes).toBe((7_241_732_096 - 32000 * 4096 - 65 * 4096) * 2);
+        expect(p.memoryCounts()).toEqual(expected[threads]);
+        const total = p.memoryBytes().reduce((a, b) => a + b, 0);
+        expect(total).toBeGreaterThanOrEqual(bytes);
+        expect(total).toBeLessThan(bytes * 1.001);
+        for (const b of p.memoryBytes()) expect(b).toBeLessThanOrEqual(expected[threads][0] * 4 * 1024 ** 3);
+      } finally {
+        await p.close();
+      }
+    }
+  });
+
   it('rejects bad calls with one-line errors', async () => {
     const p = await pool(2);
     const h = p.addWeight('w', 4, 8, 'f32');

@@ -293,6 +293,26 @@ export class ComputePool {
     }
   }
 
+  /**
+   * Reads the weight, stored row-major and contiguous at byte `position` of the open file `fd`,
+   * straight into its shards with fs.readSync (no host copy of the weight). A short read (the file
+   * ends early) is a one-line error naming `source`.
+   */
+  readFromFile(handle: WeightHandle, fd: number, position: number, source = 'the file'): void {
+    this.usable();
+    const CHUNK = 1 << 30; // readSync takes at most 2 GiB at once
+    for (const t of this.targets(handle)) {
+      for (let done = 0; done < t.bytes.length; ) {
+        const n = fs.readSync(fd, t.bytes, done, Math.min(CHUNK, t.bytes.length - done), position + t.byteStart + done);
+        if (n === 0) {
+          throw new Error(`compute pool: weight ${handle.name}: ${source} ends at byte ${position + t.byteStart + done}, ` +
+            `before its ${handle.rows * handle.rowBytes} bytes from ${position}`);
+        }
+        done += n;
+      }
+    }
+  }
+
   /** write() for whole rows [rowStart, rowStart + bytes.length / rowBytes). */
   writeRows(handle: WeightHandle, rowStart: number, bytes: Uint8Array): void {
     if (bytes.length % handle.rowBytes !== 0) {

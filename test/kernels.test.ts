@@ -293,6 +293,31 @@ describe('kernels: reproducible', () => {
     }
   });
 
+  it('reads a weight from a file offset straight into its shards; a short file is a one-line error', async () => {
+    const p = await pool(3);
+    const { bytes } = randomWeight('bf16', 21, 40, 9);
+    const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'kernels-')), 'w.bin');
+    try {
+      fs.writeFileSync(file, Buffer.concat([Buffer.alloc(1234, 7), bytes, Buffer.alloc(10, 9)]));
+      const fd = fs.openSync(file, 'r');
+      try {
+        const viaWrite = load(p, 'via-write', 'bf16', 21, 40, bytes);
+        const viaFile = p.addWeight('via-file', 21, 40, 'bf16');
+        p.readFromFile(viaFile, fd, 1234, file);
+        const x = randomInput(2 * 40, 1);
+        expect(Array.from(bits(p.matmul(viaFile, x, 2)))).toEqual(Array.from(bits(p.matmul(viaWrite, x, 2))));
+        const short = p.addWeight('short', 21, 40, 'bf16');
+        expect(() => p.readFromFile(short, fd, 1300, file)).toThrow(
+          new RegExp(`^compute pool: weight short: ${file.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')} ends at byte 2924, before its 1680 bytes from 1300$`),
+        );
+      } finally {
+        fs.closeSync(fd);
+      }
+    } finally {
+      fs.rmSync(path.dirname(file), { recursive: true, force: true });
+    }
+  });
+
   it('rejects bad calls with one-line errors', async () => {
     const p = await pool(2);
     const h = p.addWeight('w', 4, 8, 'f32');

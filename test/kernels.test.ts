@@ -243,6 +243,18 @@ describe('kernels: reproducible', () => {
     }
   });
 
+  it('a long input goes in chunks of tokens that fit a memory, each token where it belongs', async () => {
+    const p = await pool(2);
+    const [rows, cols, T] = [16, 4096, 2100]; // 64 MiB per memory / (2 x 4096 + 8 rows) x 4 bytes: chunks of 2046 tokens
+    const h = load(p, 'long', 'bf16', rows, cols, randomWeight('bf16', rows, cols, 3).bytes);
+    const x = randomInput(T * cols, 2);
+    const y = p.matmul(h, x, T);
+    for (const t of [0, 1, 2045, 2046, 2047, T - 1]) {
+      const alone = p.matmul(h, x.subarray(t * cols, (t + 1) * cols), 1);
+      expect(Array.from(bits(y.slice(t * rows, (t + 1) * rows))), `token ${t}`).toEqual(Array.from(bits(alone)));
+    }
+  });
+
   it('fused products equal single ones; weights spread over several memories per thread give the same bits', async () => {
     const one = await pool(2);
     const many = await pool(2, 256 * 1024); // a new memory every ~4 weights below

@@ -11,7 +11,8 @@
  * checked against its descriptor; data.pkl's end is found by looking for a descriptor whose sizes
  * and CRC-32 match the bytes before it. Records that state their sizes up front (other writers,
  * zip64 extra fields included) are read by those sizes. The pickle is read, with the same checks
- * and messages, by pth.ts's parseStateDict.
+ * and messages, by state_dict.ts's parseStateDict,
+ * as pth.ts reads it.
  *
  * Each storage the pickle references is copied into one typed array (Uint16Array for bfloat16 and
  * float16, Float32Array for float32); tensors are views into it. Every size is checked against the
@@ -21,21 +22,13 @@
 import * as os from 'os';
 import { toFloat32 } from './dtypes';
 import { CheckpointError } from './errors';
-import { parseStateDict, type StateDictTensor } from './pth';
+import { parseStateDict, type StateDictTensor } from './state_dict';
 import { BYTES_PER_ELEMENT, type RawTensor, type WeightDtype, type WeightInfo, type WeightReader } from './types';
 import { crc32 } from './zip';
+import { FLAG_DESCRIPTOR, FLAG_ENCRYPTED, LOCAL_HEADER_SIZE, SATURATED_32, ZIP64_EXTRA_ID, ZIP_SIG } from './zip_format';
 
-const SIG_LOCAL = 0x04034b50;
-const SIG_CENTRAL = 0x02014b50;
-const SIG_EOCD = 0x06054b50;
-const SIG_EOCD64 = 0x06064b50;
-const SIG_DESCRIPTOR = 0x08074b50;
 /** A local file header after its 4-byte signature. */
-const LOCAL_HEADER_REST = 26;
-const ZIP64_EXTRA_ID = 0x0001;
-const FLAG_ENCRYPTED = 0x0001;
-const FLAG_DESCRIPTOR = 0x0008;
-const SATURATED = 0xffffffff;
+const LOCAL_HEADER_REST = LOCAL_HEADER_SIZE - 4;
 /** Largest record read whole (data.pkl, byteorder, version...); a 7B state dict's pickle is about 30 KB. */
 const MAX_SMALL_RECORD = 64 << 20;
 
@@ -187,11 +180,11 @@ class TorchZipStream {
         );
       }
       const signature = (await reader.read(4, 'a zip record signature')).readUInt32LE(0);
-      if (index === 0 && signature !== SIG_LOCAL) {
+      if (index === 0 && signature !== ZIP_SIG.local) {
         this.fail(`not a zip archive (starts with 0x${signature.toString(16).padStart(8, '0')}, not a local file header): expected a torch.save checkpoint`);
       }
-      if (signature === SIG_CENTRAL || signature === SIG_EOCD64 || signature === SIG_EOCD) break;
-      if (signature !== SIG_LOCAL) {
+      if (signature === ZIP_SIG.central || signature === ZIP_SIG.eocd64 || signature === ZIP_SIG.eocd) break;
+      if (signature !== ZIP_SIG.local) {
         this.fail(`expected a zip local file header or the central directory at byte ${offset}, found 0x${signature.toString(16).padStart(8, '0')} (corrupt file)`);
       }
       const record = await this.readLocalHeader(offset);
@@ -240,8 +233,8 @@ class TorchZipStream {
       if (value > BigInt(Number.MAX_SAFE_INTEGER)) this.fail(`record "${name}" ${what} ${value} is too large`);
       return Number(value);
     };
-    if (size === SATURATED) size = take('size');
-    if (compressedSize === SATURATED) compressedSize = take('compressed size');
+    if (size === SATURATED_32) size = take('size');
+    if (compressedSize === SATURATED_32) compressedSize = take('compressed size');
     if (compressedSize !== size) this.fail(`stored record "${name}" has compressed size ${compressedSize} != size ${size}`);
     return { name, size, crc, zip64: zip64 !== null };
   }
@@ -330,7 +323,7 @@ class TorchZipStream {
       chunk.copy(buf, filled, 0, take);
       const end = filled + take;
       for (let p = searchFrom; p + descriptorLength <= end; p++) {
-        if (buf.readUInt32LE(p) !== SIG_DESCRIPTOR) continue;
+        if (buf.readUInt32LE(p) !== ZIP_SIG.descriptor) continue;
         const [compressed, size] = record.zip64
           ? [Number(buf.readBigUInt64LE(p + 8)), Number(buf.readBigUInt64LE(p + 16))]
           : [buf.readUInt32LE(p + 8), buf.readUInt32LE(p + 12)];
@@ -377,7 +370,7 @@ class TorchZipStream {
   private async readDescriptor(record: LocalRecord): Promise<{ compressed: number; size: number }> {
     const what = `data descriptor of record "${record.name}"`;
     const first = (await this.reader.read(4, what)).readUInt32LE(0);
-    if (first === SIG_DESCRIPTOR) await this.reader.read(4, what); // the CRC-32, not checked for storages
+    if (first === ZIP_SIG.descriptor) await this.reader.read(4, what); // the CRC-32, not checked for storages
     if (!record.zip64) {
       const sizes = await this.reader.read(8, what);
       return { compressed: sizes.readUInt32LE(0), size: sizes.readUInt32LE(4) };

@@ -9,6 +9,18 @@
  */
 import * as fs from 'fs';
 import { CheckpointError } from './errors';
+import {
+  CENTRAL_HEADER_SIZE,
+  EOCD64_LOCATOR_SIZE,
+  EOCD64_MIN_SIZE,
+  EOCD_SIZE,
+  FLAG_ENCRYPTED,
+  LOCAL_HEADER_SIZE,
+  MAX_COMMENT,
+  SATURATED_32,
+  ZIP64_EXTRA_ID,
+  ZIP_SIG,
+} from './zip_format';
 
 /** One file inside the archive, as described by its central directory entry. */
 export interface ZipEntry {
@@ -20,18 +32,6 @@ export interface ZipEntry {
   readonly localHeaderOffset: number;
 }
 
-const SIG_LOCAL = 0x04034b50;
-const SIG_CENTRAL = 0x02014b50;
-const SIG_EOCD = 0x06054b50;
-const SIG_EOCD64 = 0x06064b50;
-const SIG_EOCD64_LOCATOR = 0x07064b50;
-const EOCD_SIZE = 22;
-const EOCD64_LOCATOR_SIZE = 20;
-const EOCD64_MIN_SIZE = 56;
-const CENTRAL_HEADER_SIZE = 46;
-const LOCAL_HEADER_SIZE = 30;
-const MAX_COMMENT = 0xffff;
-const ZIP64_EXTRA_ID = 0x0001;
 /** fs.readSync reads at most about 2 GiB per call; stay well below that. */
 const READ_CHUNK = 1 << 30;
 
@@ -140,7 +140,7 @@ export class ZipReader {
     if (cached !== undefined) return cached;
     const header = Buffer.alloc(LOCAL_HEADER_SIZE);
     this.readAt(entry.localHeaderOffset, header, `local header of "${entry.name}"`);
-    if (header.readUInt32LE(0) !== SIG_LOCAL) {
+    if (header.readUInt32LE(0) !== ZIP_SIG.local) {
       throw new CheckpointError(this.path, `record "${entry.name}" has no local file header at offset ${entry.localHeaderOffset}`);
     }
     const nameLength = header.readUInt16LE(26);
@@ -191,7 +191,7 @@ export class ZipReader {
     let eocd = -1;
     for (let i = tailLength - EOCD_SIZE; i >= 0; i--) {
       // The signature must be followed by a comment that reaches exactly to the end of the file.
-      if (tail.readUInt32LE(i) === SIG_EOCD && i + EOCD_SIZE + tail.readUInt16LE(i + 20) === tailLength) {
+      if (tail.readUInt32LE(i) === ZIP_SIG.eocd && i + EOCD_SIZE + tail.readUInt16LE(i + 20) === tailLength) {
         eocd = i;
         break;
       }
@@ -209,21 +209,21 @@ export class ZipReader {
     const locatorPosition = eocdPosition - EOCD64_LOCATOR_SIZE;
     const locator = Buffer.alloc(EOCD64_LOCATOR_SIZE);
     if (locatorPosition >= 0) this.readAt(locatorPosition, locator, 'zip64 locator');
-    if (locatorPosition >= 0 && locator.readUInt32LE(0) === SIG_EOCD64_LOCATOR) {
+    if (locatorPosition >= 0 && locator.readUInt32LE(0) === ZIP_SIG.eocd64Locator) {
       const eocd64Position = readU64(locator, 8, this.path, 'zip64 end-of-central-directory offset');
       if (eocd64Position + EOCD64_MIN_SIZE > locatorPosition) {
         throw new CheckpointError(this.path, `zip64 end-of-central-directory offset ${eocd64Position} is outside the file`);
       }
       const record = Buffer.alloc(EOCD64_MIN_SIZE);
       this.readAt(eocd64Position, record, 'zip64 end-of-central-directory record');
-      if (record.readUInt32LE(0) !== SIG_EOCD64) {
+      if (record.readUInt32LE(0) !== ZIP_SIG.eocd64) {
         throw new CheckpointError(this.path, `no zip64 end-of-central-directory record at offset ${eocd64Position}`);
       }
       count = readU64(record, 32, this.path, 'entry count');
       cdSize = readU64(record, 40, this.path, 'central directory size');
       cdOffset = readU64(record, 48, this.path, 'central directory offset');
       cdLimit = eocd64Position;
-    } else if (count === 0xffff || cdSize === 0xffffffff || cdOffset === 0xffffffff) {
+    } else if (count === 0xffff || cdSize === SATURATED_32 || cdOffset === SATURATED_32) {
       throw new CheckpointError(this.path, 'zip64 archive without a zip64 end-of-central-directory locator (truncated?)');
     }
     if (cdOffset + cdSize > cdLimit) {
@@ -241,7 +241,7 @@ export class ZipReader {
     const entries = new Map<string, ZipEntry>();
     let at = 0;
     for (let index = 0; index < count; index++) {
-      if (at + CENTRAL_HEADER_SIZE > cdSize || cd.readUInt32LE(at) !== SIG_CENTRAL) {
+      if (at + CENTRAL_HEADER_SIZE > cdSize || cd.readUInt32LE(at) !== ZIP_SIG.central) {
         throw new CheckpointError(this.path, `central directory entry ${index} of ${count} is missing or corrupt`);
       }
       const flags = cd.readUInt16LE(at + 8);
@@ -276,14 +276,14 @@ export class ZipReader {
             field += 8;
             return v;
           };
-          if (size === 0xffffffff) size = take('size');
-          if (compressedSize === 0xffffffff) compressedSize = take('compressed size');
-          if (localHeaderOffset === 0xffffffff) localHeaderOffset = take('header offset');
+          if (size === SATURATED_32) size = take('size');
+          if (compressedSize === SATURATED_32) compressedSize = take('compressed size');
+          if (localHeaderOffset === SATURATED_32) localHeaderOffset = take('header offset');
         }
         extra += 4 + length;
       }
 
-      if (flags & 0x1) throw new CheckpointError(this.path, `record "${name}" is encrypted`);
+      if (flags & FLAG_ENCRYPTED) throw new CheckpointError(this.path, `record "${name}" is encrypted`);
       if (method !== 0) {
         throw new CheckpointError(this.path, `record "${name}" uses compression method ${method}; only stored (0) records are supported`);
       }

@@ -12,6 +12,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { toFloat32 } from './dtypes';
 import { CheckpointError } from './errors';
+import { MAX_JSON_BYTES, readRegularFile } from './files';
 import { openPth } from './pth';
 import { openSafetensors } from './safetensors';
 import type { RawTensor, WeightInfo, WeightReader } from './types';
@@ -32,13 +33,7 @@ export interface MistralParams {
 
 /** Reads and parses a JSON file; a CheckpointError naming it otherwise. */
 export function readJson(file: string): unknown {
-  let text: string;
-  try {
-    text = fs.readFileSync(file, 'utf8');
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    throw new CheckpointError(file, `cannot read (${code === 'ENOENT' ? 'no such file' : code ?? String(err)})`);
-  }
+  const text = readRegularFile(file, MAX_JSON_BYTES, 'a JSON file').toString('utf8');
   try {
     return JSON.parse(text);
   } catch (err) {

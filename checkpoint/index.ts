@@ -8,6 +8,7 @@
 import * as fs from 'fs';
 import * as path from 'path';
 import { CheckpointError } from './errors';
+import { kindOf, openRegularFile } from './files';
 import { findHfWeights, HF_WEIGHT_FILES, openHfFolder, readJson } from './hf';
 import { openPth } from './pth';
 import { openSafetensors } from './safetensors';
@@ -53,7 +54,7 @@ const isFile = (file: string): boolean => fs.statSync(file, { throwIfNoEntry: fa
 
 /** True when `file` starts with a tar header ("ustar" at offset 257: POSIX, GNU and pax tars). */
 function isTar(file: string): boolean {
-  const fd = fs.openSync(file, 'r');
+  const { fd } = openRegularFile(file, 'a model folder or a .tar');
   try {
     const magic = Buffer.alloc(5);
     const got = fs.readSync(fd, magic, 0, 5, TAR_MAGIC_OFFSET);
@@ -99,7 +100,9 @@ export function withProgress(reader: WeightReader, onProgress: ProgressCallback)
 /** The folder's tokenizer.model, which every folder format needs. */
 function folderTokenizer(folder: string): TokenizerSource {
   const file = path.join(folder, 'tokenizer.model');
-  if (!isFile(file)) {
+  const stat = fs.statSync(file, { throwIfNoEntry: false });
+  if (stat && !stat.isFile()) throw new CheckpointError(file, `is ${kindOf(stat)}, expected the SentencePiece tokenizer.model (a regular file)`);
+  if (!stat) {
     // Later Mistral downloads name it tokenizer.model.v3 (etc.); HF folders may have only tokenizer.json.
     const versioned = fs.readdirSync(folder).filter((f) => /^tokenizer\.model\.v\d+$/.test(f));
     const hint = versioned.length
@@ -142,7 +145,7 @@ export async function openModel(modelPath: string, opts: OpenModelOptions = {}):
     const tokenizer = { bytes: tar.tokenizerBytes, name: tar.tokenizerName };
     return modelFiles('tar', modelPath, tar.params, tar.paramsFile, tar.weights, tokenizer, opts);
   }
-  if (!stat.isDirectory()) throw new CheckpointError(modelPath, NOT_A_MODEL);
+  if (!stat.isDirectory()) throw new CheckpointError(modelPath, `is ${kindOf(stat)}, not a model: expected a model folder or a .tar`);
 
   const has = (name: string): boolean => isFile(path.join(modelPath, name));
   if (has('params.json') && (has('consolidated.00.pth') || has('consolidated.safetensors'))) {
@@ -160,12 +163,14 @@ export async function openModel(modelPath: string, opts: OpenModelOptions = {}):
     const { params, paramsFile, weights } = openHfFolder(modelPath);
     return modelFiles('hf', modelPath, params, paramsFile, weights, tokenizer, opts);
   }
-  // Half an official folder: name what is missing or wrong.
-  for (const name of ['params.json', 'consolidated.00.pth', 'consolidated.safetensors']) {
-    if (fs.existsSync(path.join(modelPath, name)) && !has(name)) {
-      throw new CheckpointError(path.join(modelPath, name), 'expected a file, found a folder');
+  // A file we look for that is not a regular file (a folder, a FIFO...): name it.
+  for (const name of LOOKED_FOR) {
+    const other = fs.statSync(path.join(modelPath, name), { throwIfNoEntry: false });
+    if (other && !other.isFile()) {
+      throw new CheckpointError(path.join(modelPath, name), `is ${kindOf(other)}, expected a regular file`);
     }
   }
+  // Half an official folder: name what is missing.
   if (has('params.json') && !has('config.json')) {
     throw new CheckpointError(
       path.join(modelPath, 'consolidated.00.pth'),

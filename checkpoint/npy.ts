@@ -5,7 +5,9 @@
  */
 import * as fs from 'fs';
 import * as os from 'os';
+import { constants as bufferConstants } from 'buffer';
 import { CheckpointError } from './errors';
+import { readRegularFile } from './files';
 
 export type NpyDtype = 'float32' | 'float64' | 'int32' | 'int64';
 
@@ -16,6 +18,9 @@ export interface NpyArray {
   /** float32 -> Float32Array, float64 -> Float64Array, int32 and int64 -> Int32Array (int64 values must fit in int32). */
   data: Float32Array | Float64Array | Int32Array;
 }
+
+/** The largest file read whole (a Buffer's limit). */
+const MAX_LENGTH = bufferConstants.MAX_LENGTH;
 
 const MAGIC = Buffer.from([0x93, 0x4e, 0x55, 0x4d, 0x50, 0x59]); // "\x93NUMPY"
 
@@ -85,12 +90,7 @@ function parseHeader(path: string, text: string): { descr: string; fortranOrder:
 /** Reads a .npy file. Throws CheckpointError for other dtypes, big-endian data, Fortran order or a truncated file. */
 export function readNpy(path: string): NpyArray {
   checkLittleEndianHost(path);
-  let file: Buffer;
-  try {
-    file = fs.readFileSync(path);
-  } catch (err) {
-    throw new CheckpointError(path, `cannot read: ${(err as Error).message}`);
-  }
+  const file = readRegularFile(path, MAX_LENGTH, 'a .npy file');
   if (file.length < 10 || !file.subarray(0, 6).equals(MAGIC)) throw new CheckpointError(path, 'not a .npy file (bad magic)');
   const major = file[6];
   let headerStart: number;

@@ -12,6 +12,7 @@ import * as fs from 'fs';
 import * as os from 'os';
 import { toFloat32 } from './dtypes';
 import { CheckpointError } from './errors';
+import { openRegularFile } from './files';
 import { BYTES_PER_ELEMENT, type RawTensor, type WeightDtype, type WeightInfo, type WeightReader } from './types';
 
 /** The largest header accepted; the reference implementation uses the same limit. */
@@ -194,13 +195,7 @@ class Safetensors implements SafetensorsFile {
 
 /** Opens a .safetensors file, reading and checking only its header. Throws CheckpointError on anything unexpected. */
 export function openSafetensors(path: string): SafetensorsFile {
-  let fd: number;
-  try {
-    fd = fs.openSync(path, 'r');
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    throw new CheckpointError(path, `cannot open (${code === 'ENOENT' ? 'no such file' : code ?? String(err)})`);
-  }
+  const { fd } = openRegularFile(path, 'a .safetensors file');
   try {
     return new Safetensors(path, fd);
   } catch (err) {

@@ -9,6 +9,7 @@
  */
 import * as fs from 'fs';
 import { CheckpointError } from './errors';
+import { openRegularFile } from './files';
 import {
   CENTRAL_HEADER_SIZE,
   EOCD64_LOCATOR_SIZE,
@@ -83,16 +84,9 @@ export class ZipReader {
 
   /** Opens `path` and reads its central directory; throws CheckpointError if it is not a usable zip. */
   static open(path: string): ZipReader {
-    let fd: number;
+    const { fd, size } = openRegularFile(path, 'a torch.save checkpoint file');
     try {
-      fd = fs.openSync(path, 'r');
-    } catch (err) {
-      throw new CheckpointError(path, `cannot open: ${(err as Error).message}`);
-    }
-    try {
-      const stat = fs.fstatSync(fd);
-      if (stat.isDirectory()) throw new CheckpointError(path, 'is a folder, expected a torch.save checkpoint file');
-      return new ZipReader(path, fd, stat.size);
+      return new ZipReader(path, fd, size);
     } catch (err) {
       fs.closeSync(fd);
       throw err;

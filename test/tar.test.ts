@@ -428,7 +428,7 @@ describe('openTar rejects broken input with a one-line error naming the tar', ()
     ];
     for (const [members, problem] of cases) await expectTarError(tmpFile(await makeTar(members)), problem);
     await expectTarError(path.join(TMP, 'no-such.tar'), /cannot open/);
-    await expectTarError(TMP, /is not a file/);
+    await expectTarError(TMP, /is a folder, expected a \.tar \(a regular file\)/);
   });
 
   it('a .pth member that is not a torch zip', async () => {

@@ -50,18 +50,73 @@ const LOOKED_FOR = ['params.json', 'consolidated.00.pth', 'consolidated.safetens
 
 const TAR_MAGIC_OFFSET = 257;
 
+/** Shards of a Hugging Face folder, with or without their index. */
+const HF_SHARD = /^(model-\d+-of-\d+\.safetensors|pytorch_model-\d+-of-\d+\.bin)$/;
+
 const isFile = (file: string): boolean => fs.statSync(file, { throwIfNoEntry: false })?.isFile() ?? false;
 
-/** True when `file` starts with a tar header ("ustar" at offset 257: POSIX, GNU and pax tars). */
-function isTar(file: string): boolean {
+/** What a file given as the model is, from its first bytes. */
+type FileKind = 'tar' | 'gguf' | 'zip' | 'safetensors' | 'other';
+
+function fileKind(file: string): FileKind {
   const { fd } = openRegularFile(file, 'a model folder or a .tar');
   try {
-    const magic = Buffer.alloc(5);
-    const got = fs.readSync(fd, magic, 0, 5, TAR_MAGIC_OFFSET);
-    return got === 5 && magic.toString('latin1') === 'ustar';
+    const head = Buffer.alloc(TAR_MAGIC_OFFSET + 5);
+    const got = fs.readSync(fd, head, 0, head.length, 0);
+    // "ustar" at offset 257: POSIX, GNU and pax tars.
+    if (got === head.length && head.toString('latin1', TAR_MAGIC_OFFSET) === 'ustar') return 'tar';
+    if (got >= 4 && head.toString('latin1', 0, 4) === 'GGUF') return 'gguf';
+    if (got >= 4 && head.readUInt32LE(0) === 0x04034b50) return 'zip';
+    // safetensors: an 8-byte header length, then the header's JSON object.
+    if (got >= 9 && head.readBigUInt64LE(0) < BigInt(1) << BigInt(32) && head[8] === 0x7b) return 'safetensors';
+    return 'other';
   } finally {
     fs.closeSync(fd);
   }
+}
+
+/** The error for a model path that is a file but not a tar: say what it is and what to pass instead. */
+function notAModelFile(file: string, kind: FileKind): CheckpointError {
+  if (kind === 'gguf') {
+    return new CheckpointError(
+      file,
+      "is a GGUF file (llama.cpp's format): GGUF is not supported yet; pass the original model folder (params.json, consolidated.00.pth, tokenizer.model), its .tar, or a Hugging Face folder",
+    );
+  }
+  const folder = path.dirname(path.resolve(file));
+  const name = path.basename(file);
+  const what =
+    kind === 'zip'
+      ? 'a torch.save checkpoint'
+      : kind === 'safetensors'
+        ? 'a safetensors file'
+        : name === 'params.json' || name === 'config.json' || /^tokenizer\.model(\.v\d+)?$/.test(name)
+          ? `the model's ${name}`
+          : null;
+  const inModelFolder = LOOKED_FOR.some((f) => isFile(path.join(folder, f))) || fs.readdirSync(folder).some((f) => HF_SHARD.test(f));
+  if (what !== null || inModelFolder) {
+    return new CheckpointError(file, `is ${what ?? 'a file'} inside a model folder, not a model: pass the folder that holds this file (${folder})`);
+  }
+  return new CheckpointError(file, NOT_A_MODEL);
+}
+
+/** The error for a folder in no layout we know, naming what is missing where we can tell. */
+function notAModelFolder(folder: string, has: (name: string) => boolean): CheckpointError {
+  const shards = fs.readdirSync(folder).filter((f) => HF_SHARD.test(f));
+  const hfWeights = [...HF_WEIGHT_FILES.filter(has), ...shards];
+  if (hfWeights.length > 0 && !has('config.json')) {
+    const shown = hfWeights.length > 2 ? `${hfWeights.slice(0, 2).join(', ')}...` : hfWeights.join(', ');
+    return new CheckpointError(
+      path.join(folder, 'config.json'),
+      `missing config.json: the folder looks like a Hugging Face model (it has ${shown}), which needs its config.json beside the weights`,
+    );
+  }
+  if (shards.length > 0) {
+    const index = shards[0].endsWith('.bin') ? 'pytorch_model.bin.index.json' : 'model.safetensors.index.json';
+    return new CheckpointError(path.join(folder, index), `missing: the folder has shards (${shards[0]}...) but not the index that says which tensor is in which`);
+  }
+  const present = LOOKED_FOR.filter(has);
+  return new CheckpointError(folder, `${NOT_A_MODEL} (this folder has ${present.length ? present.join(', ') : 'none of those files'})`);
 }
 
 /**
@@ -138,7 +193,8 @@ export async function openModel(modelPath: string, opts: OpenModelOptions = {}):
   if (!stat) throw new CheckpointError(modelPath, 'no such file or folder');
 
   if (stat.isFile()) {
-    if (!isTar(modelPath)) throw new CheckpointError(modelPath, NOT_A_MODEL);
+    const kind = fileKind(modelPath);
+    if (kind !== 'tar') throw notAModelFile(modelPath, kind);
     // Loaded on first use: it brings in the tar-stream package, which the other formats do not need.
     const { openTar } = await import('./tar');
     const tar = await openTar(modelPath, { onProgress: opts.onProgress });
@@ -180,6 +236,5 @@ export async function openModel(modelPath: string, opts: OpenModelOptions = {}):
   if (has('consolidated.00.pth') || has('consolidated.safetensors')) {
     throw new CheckpointError(path.join(modelPath, 'params.json'), 'missing (it gives the hyperparameters of the consolidated weights beside it)');
   }
-  const present = LOOKED_FOR.filter(has);
-  throw new CheckpointError(modelPath, `${NOT_A_MODEL} (this folder has ${present.length ? present.join(', ') : 'none of those files'})`);
+  throw notAModelFolder(modelPath, has);
 }

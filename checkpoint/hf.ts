@@ -11,7 +11,7 @@
 import * as fs from 'fs';
 import * as path from 'path';
 import { toFloat32 } from './dtypes';
-import { CheckpointError } from './errors';
+import { CheckpointError, showValue } from './errors';
 import { MAX_JSON_BYTES, readRegularFile } from './files';
 import { openPth } from './pth';
 import { openSafetensors } from './safetensors';
@@ -54,7 +54,7 @@ const isObject = (v: unknown): v is Record<string, unknown> =>
 export function paramsFromHfConfig(config: unknown, file: string): MistralParams {
   if (!isObject(config)) throw new CheckpointError(file, 'expected a JSON object (a Hugging Face model config)');
   const c = config;
-  const show = (v: unknown): string => JSON.stringify(v) ?? String(v);
+  const show = showValue;
   const positiveInt = (name: string): number => {
     const v = c[name];
     if (v === undefined) throw new CheckpointError(file, `missing field "${name}"`);
@@ -238,7 +238,7 @@ function openShards(folder: string, weightsName: string): { readers: WeightReade
   try {
     for (const [name, shard] of weightMap) {
       if (typeof shard !== 'string' || shard === '' || shard !== path.basename(shard) || shard === '..') {
-        throw new CheckpointError(file, `weight_map gives "${name}" the shard ${JSON.stringify(shard)}; expected a file name in the same folder`);
+        throw new CheckpointError(file, `weight_map gives "${name}" the shard ${showValue(shard)}; expected a file name in the same folder`);
       }
       if (!shards.has(shard)) {
         if (!fs.existsSync(path.join(folder, shard))) {

@@ -14,9 +14,12 @@
 import * as os from 'os';
 import { toFloat32 } from './dtypes';
 import { CheckpointError } from './errors';
-import { parseStateDict, type TensorInfo } from './state_dict';
+import { MAX_PICKLE_BYTES, parseStateDict, type TensorInfo } from './state_dict';
 import { BYTES_PER_ELEMENT, type RawTensor, type WeightReader } from './types';
 import { type ZipEntry, ZipReader } from './zip';
+
+/** The byteorder record holds "little" or "big". */
+const MAX_BYTEORDER_BYTES = 64;
 
 export { CheckpointError } from './errors';
 export type { TensorInfo } from './state_dict';
@@ -79,7 +82,7 @@ class PthFile implements PthCheckpoint {
     if (os.endianness() !== 'LE') throw new CheckpointError(this.path, 'reading checkpoints needs a little-endian machine');
     const entry = this.zip.entries.get(`${this.prefix}/byteorder`);
     if (!entry) return;
-    const order = this.zip.readAll(entry).toString('latin1').trim();
+    const order = this.zip.readAll(entry, MAX_BYTEORDER_BYTES).toString('latin1').trim();
     if (order !== 'little') throw new CheckpointError(this.path, `byte order is "${order}", only "little" is supported`);
   }
 
@@ -92,7 +95,7 @@ class PthFile implements PthCheckpoint {
   /** The pickle's tensors, each checked against the size of its storage record. */
   private readStateDict(): Map<string, TensorInfo> {
     const pickleName = `${this.prefix}/data.pkl`;
-    const tensors = parseStateDict(this.zip.readAll(this.zip.entry(pickleName)), this.path, `${this.path} (${pickleName})`);
+    const tensors = parseStateDict(this.zip.readAll(this.zip.entry(pickleName), MAX_PICKLE_BYTES), this.path, `${this.path} (${pickleName})`);
     for (const t of tensors.values()) {
       const entry = this.storageEntry(t.storageKey);
       const needBytes = t.storageNumel * BYTES_PER_ELEMENT[t.dtype];

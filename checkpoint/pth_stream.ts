@@ -22,15 +22,15 @@
 import * as os from 'os';
 import { toFloat32 } from './dtypes';
 import { CheckpointError } from './errors';
-import { parseStateDict, type StateDictTensor } from './state_dict';
+import { MAX_PICKLE_BYTES, parseStateDict, type StateDictTensor } from './state_dict';
 import { BYTES_PER_ELEMENT, type RawTensor, type WeightDtype, type WeightInfo, type WeightReader } from './types';
 import { crc32 } from './zip';
 import { FLAG_DESCRIPTOR, FLAG_ENCRYPTED, LOCAL_HEADER_SIZE, SATURATED_32, ZIP64_EXTRA_ID, ZIP_SIG } from './zip_format';
 
 /** A local file header after its 4-byte signature. */
 const LOCAL_HEADER_REST = LOCAL_HEADER_SIZE - 4;
-/** Largest record read whole (data.pkl, byteorder, version...); a 7B state dict's pickle is about 30 KB. */
-const MAX_SMALL_RECORD = 64 << 20;
+/** Largest record read whole (data.pkl, byteorder, version...): the pickle's limit. */
+const MAX_SMALL_RECORD = MAX_PICKLE_BYTES;
 
 /** Storage bytes are copied through byte views of at most this size. */
 const COPY_PIECE = 1 << 30;

@@ -8,6 +8,12 @@ import { CheckpointError } from './errors';
 import { PickleGlobal, PickleObject, type PickleValue, unpickle } from './pickle';
 import type { WeightDtype, WeightInfo } from './types';
 
+/**
+ * The largest data.pkl read: Mistral 7B's is about 30 KB for 291 tensors (some 100 bytes a tensor),
+ * so this allows some 600,000 tensors while bounding what a hostile pickle can make us allocate.
+ */
+export const MAX_PICKLE_BYTES = 64 << 20;
+
 /** What the pickle says about one tensor of the state dict. */
 export interface TensorInfo extends WeightInfo {
   /** Storage key: the tensor's bytes live in record `<prefix>/data/<storageKey>`. */

@@ -108,6 +108,10 @@ async function readMembers(entries: AsyncIterable<TarEntry>, tarPath: string, fi
     const size = header.size ?? 0;
     at.member = header.name;
     members++;
+    // A pax header's size= overrides the header's: any text, so check it is a byte count.
+    if (!Number.isSafeInteger(size) || size < 0) {
+      throw new CheckpointError(tarPath, `member "${header.name}" has size ${String(size)}, not a byte count (corrupt pax header?)`);
+    }
     // tar-stream knows where the member's data starts: a size running past the file is caught now.
     if (typeof header.byteOffset === 'number' && header.byteOffset + size > fileSize) {
       throw new CheckpointError(

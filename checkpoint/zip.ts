@@ -33,6 +33,11 @@ export interface ZipEntry {
   readonly localHeaderOffset: number;
 }
 
+/**
+ * The largest central directory read: about 100 bytes a record, so some 600,000 records (torch
+ * writes one per storage: 7B has 291).
+ */
+const MAX_CENTRAL_DIRECTORY = 64 << 20;
 /** fs.readSync reads at most about 2 GiB per call; stay well below that. */
 const READ_CHUNK = 1 << 30;
 
@@ -118,8 +123,11 @@ export class ZipReader {
     this.readAt(this.dataOffset(entry) + start, target, `record "${entry.name}"`);
   }
 
-  /** Reads a whole (small) entry, checking its CRC-32. */
-  readAll(entry: ZipEntry): Buffer {
+  /** Reads a whole (small) entry of at most `limit` bytes, checking its CRC-32. */
+  readAll(entry: ZipEntry, limit: number): Buffer {
+    if (entry.size > limit) {
+      throw new CheckpointError(this.path, `record "${entry.name}" is ${entry.size} bytes, more than the ${limit} expected`);
+    }
     const buf = Buffer.alloc(entry.size);
     this.readInto(entry, 0, buf);
     if (crc32(buf) !== entry.crc32) {
@@ -230,6 +238,12 @@ export class ZipReader {
   }
 
   private readCentralDirectory(cdOffset: number, cdSize: number, count: number): Map<string, ZipEntry> {
+    if (cdSize > MAX_CENTRAL_DIRECTORY) {
+      throw new CheckpointError(this.path, `central directory of ${cdSize} bytes is larger than the ${MAX_CENTRAL_DIRECTORY} accepted (corrupt file?)`);
+    }
+    if (count * CENTRAL_HEADER_SIZE > cdSize) {
+      throw new CheckpointError(this.path, `zip says it has ${count} records, more than its central directory of ${cdSize} bytes can describe (corrupt file)`);
+    }
     const cd = Buffer.alloc(cdSize);
     this.readAt(cdOffset, cd, 'central directory');
     const entries = new Map<string, ZipEntry>();

@@ -170,7 +170,7 @@ function torchStyleZip(records: { name: string; data: Buffer }[], zip64: (index:
 function zipRecords(file: string): { name: string; data: Buffer }[] {
   const zip = ZipReader.open(file);
   try {
-    return [...zip.entries.values()].map((e) => ({ name: e.name, data: zip.readAll(e) }));
+    return [...zip.entries.values()].map((e) => ({ name: e.name, data: zip.readAll(e, e.size) }));
   } finally {
     zip.close();
   }

@@ -5,12 +5,15 @@
  * folder. openModel looks at what the path holds and returns the hyperparameters under params.json's
  * names, a WeightReader under the reference's tensor names, and where the tokenizer is.
  */
+import { AsyncLocalStorage } from 'async_hooks';
 import * as fs from 'fs';
 import * as path from 'path';
+import { toFloat32 } from './dtypes';
 import { CheckpointError } from './errors';
 import { kindOf, openRegularFile } from './files';
 import { findHfWeights, HF_WEIGHT_FILES, openHfFolder, readJson } from './hf';
 import { openPth } from './pth';
+import { findNonFinite, type NonFiniteWeights } from './finite';
 import { openSafetensors } from './safetensors';
 import { BYTES_PER_ELEMENT, type RawTensor, type WeightReader } from './types';
 
@@ -21,9 +24,17 @@ export type TokenizerSource = { path: string } | { bytes: Uint8Array; name: stri
 
 export type ProgressCallback = (bytesDone: number, bytesTotal: number) => void;
 
+export type { NonFiniteWeights } from './finite';
+
 export interface OpenModelOptions {
   /** Called as weights are read (and, for a tar, as it is scanned). */
   onProgress?: ProgressCallback;
+  /**
+   * Called when a tensor read holds NaN or Inf (each tensor once, as it is read). Without it, the
+   * listener of an enclosing reportNonFiniteWeights is called, if any; either way the findings
+   * are also collected in ModelFiles.nonFinite.
+   */
+  onNonFinite?: (finding: NonFiniteWeights) => void;
 }
 
 export interface ModelFiles {
@@ -36,8 +47,21 @@ export interface ModelFiles {
   paramsFile: string;
   weights: WeightReader;
   tokenizer: TokenizerSource;
+  /** The tensors read so far that hold NaN or Inf, in the order they were read. */
+  readonly nonFinite: readonly NonFiniteWeights[];
   /** Closes the weights. */
   close(): void;
+}
+
+const nonFiniteListener = new AsyncLocalStorage<(finding: NonFiniteWeights) => void>();
+
+/**
+ * Runs `work` with `listener` told of every tensor holding NaN or Inf that any openModel inside it
+ * reads (however deep the call: loadModel, Transformer.fromFolder), unless that openModel was given
+ * its own onNonFinite. The checkpoint layer only finds them; the caller decides how to report them.
+ */
+export function reportNonFiniteWeights<T>(listener: (finding: NonFiniteWeights) => void, work: () => Promise<T>): Promise<T> {
+  return nonFiniteListener.run(listener, work);
 }
 
 const NOT_A_MODEL =
@@ -152,6 +176,30 @@ export function withProgress(reader: WeightReader, onProgress: ProgressCallback)
   };
 }
 
+/**
+ * `reader` with each tensor scanned for NaN and Inf the first time it is read (from its stored
+ * bits: about 0.3 s per GB), `report` called for each one that has some.
+ */
+export function withNonFiniteCheck(reader: WeightReader, report: (finding: NonFiniteWeights) => void): WeightReader {
+  const scanned = new Set<string>();
+  const readRaw = (name: string): RawTensor => {
+    const raw = reader.readRaw(name);
+    if (!scanned.has(name)) {
+      scanned.add(name);
+      const found = findNonFinite(raw.dtype, raw.data);
+      if (found) report({ file: reader.path, tensor: name, numel: raw.data.length, ...found });
+    }
+    return raw;
+  };
+  return {
+    path: reader.path,
+    tensors: reader.tensors,
+    readRaw,
+    read: (name: string): Float32Array => toFloat32(readRaw(name)),
+    close: () => reader.close(),
+  };
+}
+
 /** The folder's tokenizer.model, which every folder format needs. */
 function folderTokenizer(folder: string): TokenizerSource {
   const file = path.join(folder, 'tokenizer.model');
@@ -179,8 +227,14 @@ function modelFiles(
   tokenizer: TokenizerSource,
   opts: OpenModelOptions,
 ): ModelFiles {
-  const reader = opts.onProgress && format !== 'tar' ? withProgress(weights, opts.onProgress) : weights;
-  return { format, path: modelPath, params, paramsFile, weights: reader, tokenizer, close: () => reader.close() };
+  const nonFinite: NonFiniteWeights[] = [];
+  const listener = opts.onNonFinite ?? nonFiniteListener.getStore();
+  const checked = withNonFiniteCheck(weights, (finding) => {
+    nonFinite.push(finding);
+    listener?.(finding);
+  });
+  const reader = opts.onProgress && format !== 'tar' ? withProgress(checked, opts.onProgress) : checked;
+  return { format, path: modelPath, params, paramsFile, weights: reader, tokenizer, nonFinite, close: () => reader.close() };
 }
 
 /**
@@ -223,7 +277,7 @@ export async function openModel(modelPath: string, opts: OpenModelOptions = {}):
   for (const name of LOOKED_FOR) {
     const other = fs.statSync(path.join(modelPath, name), { throwIfNoEntry: false });
     if (other && !other.isFile()) {
-      throw new CheckpointError(path.join(modelPath, name), `is ${kindOf(other)}, expected a regular file`);
+      throw new CheckpointError(path.join(modelPath, name), `is ${kindOf(other)}, expected a file`);
     }
   }
   // Half an official folder: name what is missing.

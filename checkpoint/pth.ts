@@ -5,8 +5,9 @@
  * consolidated.00.pth.
  *
  * openPth reads only the zip central directory and the pickle; each tensor's
- * bytes are read at their offset when asked for and converted to float32, so
- * a 14.5 GB checkpoint is read with memory bounded by the largest tensor.
+ * bytes are read at their offset when asked for, their record's CRC-32
+ * checked, and converted to float32, so a 14.5 GB checkpoint is read with
+ * memory bounded by the largest tensor.
  *
  * The pickle's tensors and their checks (state_dict.ts) are shared with pth_stream.ts, which reads
  * the same files from a stream.
@@ -55,7 +56,10 @@ class PthFile implements PthCheckpoint {
     if (!info) throw new CheckpointError(this.path, `no tensor named "${name}"`);
     const entry = this.storageEntry(info.storageKey);
     const data = info.dtype === 'float32' ? new Float32Array(info.numel) : new Uint16Array(info.numel);
-    this.zip.readInto(entry, info.storageOffset * BYTES_PER_ELEMENT[info.dtype], new Uint8Array(data.buffer));
+    const start = info.storageOffset * BYTES_PER_ELEMENT[info.dtype];
+    const bytes = new Uint8Array(data.buffer);
+    this.zip.readInto(entry, start, bytes);
+    this.zip.verify(entry, start, bytes, `tensor "${name}"`);
     return { dtype: info.dtype, shape: info.shape, data };
   }
 

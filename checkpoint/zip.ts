@@ -4,10 +4,12 @@
  * It reads only the end-of-central-directory records (zip64 included) and
  * the central directory up front, through positioned reads on a file
  * descriptor, so it works on checkpoints far larger than a Node Buffer can
- * hold. Entry bytes are read on demand at their offsets. torch stores every
- * record uncompressed ("stored", method 0); any other method is an error.
+ * hold. Entry bytes are read on demand at their offsets, and each record's
+ * CRC-32 is checked the first time any of it is read (verify). torch stores
+ * every record uncompressed ("stored", method 0); any other method is an error.
  */
 import * as fs from 'fs';
+import { crc32 } from './crc32';
 import { CheckpointError } from './errors';
 import { openRegularFile } from './files';
 import {
@@ -38,25 +40,10 @@ export interface ZipEntry {
  * writes one per storage: 7B has 291).
  */
 const MAX_CENTRAL_DIRECTORY = 64 << 20;
+/** The rest of a record that a tensor does not cover is read in pieces this large to check the CRC. */
+const CRC_PIECE = 16 << 20;
 /** fs.readSync reads at most about 2 GiB per call; stay well below that. */
 const READ_CHUNK = 1 << 30;
-
-let crcTable: Uint32Array | null = null;
-
-/** CRC-32 (the zip / zlib polynomial), as zip records store it. (zlib.crc32 needs Node >= 20.15.) */
-export function crc32(data: Uint8Array): number {
-  if (!crcTable) {
-    crcTable = new Uint32Array(256);
-    for (let n = 0; n < 256; n++) {
-      let c = n;
-      for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
-      crcTable[n] = c >>> 0;
-    }
-  }
-  let crc = 0xffffffff;
-  for (let i = 0; i < data.length; i++) crc = crcTable[(crc ^ data[i]) & 0xff] ^ (crc >>> 8);
-  return (crc ^ 0xffffffff) >>> 0;
-}
 
 /** Reads a little-endian unsigned 64-bit value, which must fit in a JS number. */
 function readU64(buf: Buffer, at: number, file: string, what: string): number {
@@ -77,6 +64,8 @@ export class ZipReader {
   /** Byte offset where the central directory starts: entry data must end before it. */
   private readonly centralDirOffset: number;
   private readonly dataOffsets = new Map<string, number>();
+  /** Records whose CRC-32 has been checked. */
+  private readonly verified = new Set<string>();
 
   private constructor(path: string, fd: number, fileSize: number) {
     this.path = path;
@@ -130,10 +119,40 @@ export class ZipReader {
     }
     const buf = Buffer.alloc(entry.size);
     this.readInto(entry, 0, buf);
-    if (crc32(buf) !== entry.crc32) {
-      throw new CheckpointError(this.path, `record "${entry.name}" fails its CRC-32 check (corrupt file)`);
-    }
+    this.verify(entry, 0, buf);
     return buf;
+  }
+
+  /**
+   * Checks the CRC-32 of `entry`, of which `bytes` (just read by readInto) start `start` bytes in;
+   * the rest of the record, if any, is read for it. Each record is checked once: later calls for it
+   * return at once. `what` names what was being read, for the message ("tensor "w"").
+   */
+  verify(entry: ZipEntry, start: number, bytes: Uint8Array, what?: string): void {
+    if (this.verified.has(entry.name)) return;
+    let crc = this.crcOfRange(entry, 0, start, 0);
+    crc = crc32(bytes, crc);
+    crc = this.crcOfRange(entry, start + bytes.length, entry.size, crc);
+    if (crc !== entry.crc32) {
+      const hex = (n: number): string => `0x${n.toString(16).padStart(8, '0')}`;
+      throw new CheckpointError(
+        this.path,
+        `record "${entry.name}"${what ? ` (${what})` : ''} fails its CRC-32 check: the central directory says ${hex(entry.crc32)}, the bytes give ${hex(crc)} (corrupt file)`,
+      );
+    }
+    this.verified.add(entry.name);
+  }
+
+  /** The CRC-32 of bytes [from, to) of `entry`, continuing `crc`, read in pieces. */
+  private crcOfRange(entry: ZipEntry, from: number, to: number, crc: number): number {
+    if (from >= to) return crc;
+    const piece = Buffer.alloc(Math.min(CRC_PIECE, to - from));
+    for (let at = from; at < to; at += piece.length) {
+      const part = piece.subarray(0, Math.min(piece.length, to - at));
+      this.readInto(entry, at, part);
+      crc = crc32(part, crc);
+    }
+    return crc;
   }
 
   /** Absolute file offset of the entry's first data byte (parses its local header once). */

@@ -9,7 +9,7 @@ import * as os from 'os';
 import * as path from 'path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { openPth } from '../checkpoint/pth';
-import { crc32 } from '../checkpoint/zip';
+import { crc32 } from '../checkpoint/crc32';
 import { expectCheckpointError } from './checkpoint_errors';
 import { f32Bytes, op, type PickledTensor, pGlobal, pStr, stateDictPickle, writeZip } from './torch_zip';
 

@@ -14,7 +14,8 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { CheckpointError, openPth } from '../checkpoint/pth';
 import { openTar } from '../checkpoint/tar';
 import type { WeightReader } from '../checkpoint/types';
-import { crc32, ZipReader } from '../checkpoint/zip';
+import { crc32 } from '../checkpoint/crc32';
+import { ZipReader } from '../checkpoint/zip';
 
 const ROOT = path.join(__dirname, '..');
 const TINY = path.join(ROOT, 'fixtures', 'tiny');

@@ -3,7 +3,7 @@
  * crc32, itself checked against the standard check value and torch's own files).
  */
 import * as fs from 'fs';
-import { crc32 } from '../checkpoint/zip';
+import { crc32 } from '../checkpoint/crc32';
 
 export const op = (s: string): Buffer => Buffer.from(s, 'latin1');
 export const u16 = (n: number): Buffer => {

@@ -4,7 +4,7 @@
  * state-dict pickle is (with a way to make its CRC-32 match again after an edit).
  */
 import { expect } from 'vitest';
-import { crc32 } from '../../checkpoint/zip';
+import { crc32 } from '../../checkpoint/crc32';
 import type { Rng } from './rng';
 
 export type Range = readonly [start: number, end: number];

@@ -25,6 +25,8 @@ export interface Format {
   readonly params: Buffer | Range;
   readonly anatomy: Anatomy;
   readonly safetensors: boolean;
+  /** Zip records carry a CRC-32 of their data (every format but safetensors). */
+  readonly checksummed: boolean;
 }
 
 /** Each format gets its own copy under the caller's temporary folder `tmp`. */
@@ -45,6 +47,7 @@ export function folderFormat(tmp: string, name: string, fixture: string, weights
     params: fs.readFileSync(path.join(fixture, paramsName)),
     anatomy: safetensors ? safetensorsAnatomy(weights) : zipAnatomy(weights, 0, weights.length),
     safetensors,
+    checksummed: !safetensors,
   };
 }
 
@@ -54,7 +57,7 @@ export function tarFormat(tmp: string): Format {
   const tar = path.join(tmp, `tiny-${copies++}.tar`);
   const weights = fs.readFileSync(path.join(FIXTURES, 'tiny.tar'));
   const anatomy = tarAnatomy(weights);
-  return { name: TAR_NAME, modelPath: tar, weightsFile: tar, weights, paramsFile: tar, params: anatomy.params, anatomy, safetensors: false };
+  return { name: TAR_NAME, modelPath: tar, weightsFile: tar, weights, paramsFile: tar, params: anatomy.params, anatomy, safetensors: false, checksummed: true };
 }
 
 /** One corrupted model: what to write, and what the outcome may be. */
@@ -66,7 +69,10 @@ export interface Case {
   /** params.json / config.json to write (folder formats). */
   readonly params?: Buffer;
   readonly paramsTouched: boolean;
-  /** Every flipped byte lies in tensor data: the model must open, and at most this many elements differ. */
+  /**
+   * Every flipped byte lies in tensor data: in a zip the record's CRC-32 must catch it; in a
+   * safetensors file (no checksums) the model must open, and at most this many elements differ.
+   */
   readonly dataFlips?: number;
 }
 

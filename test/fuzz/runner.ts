@@ -134,7 +134,9 @@ export async function fuzz(format: Format, seed: number): Promise<string[]> {
     try {
       const changed = await openAndRead(format, c.weights.length, reference, memory);
       outcome = 'opened';
-      if (c.dataFlips !== undefined) {
+      if (c.dataFlips !== undefined && format.checksummed) {
+        failures.push(`${label}: a flip inside tensor data opened; the record's CRC-32 must catch it`);
+      } else if (c.dataFlips !== undefined) {
         tally.dataFlipChanges += changed;
         if (changed > c.dataFlips) failures.push(`${label}: ${changed} elements differ after ${c.dataFlips} flipped bytes`);
       }
@@ -153,7 +155,11 @@ export async function fuzz(format: Format, seed: number): Promise<string[]> {
       } else {
         outcome = 'clean error';
       }
-      if (c.dataFlips !== undefined) failures.push(`${label}: a flip inside tensor data must not be an error, got: ${shown}`);
+      if (c.dataFlips !== undefined && !format.checksummed) {
+        failures.push(`${label}: a flip inside tensor data of a file without checksums must not be an error, got: ${shown}`);
+      } else if (c.dataFlips !== undefined && !/record "[^"]+\/data\/\d+" \([^)]*tensor "[^"]+"[^)]*\) fails its CRC-32 check/.test(message)) {
+        failures.push(`${label}: a flip inside tensor data must fail the CRC-32 check of its record, naming the tensor; got: ${shown}`);
+      }
     }
     const elapsed = performance.now() - started;
     memory.sample();

@@ -19,7 +19,7 @@ import { readPthStream } from '../checkpoint/pth_stream';
 import { openSafetensors } from '../checkpoint/safetensors';
 import { openTar } from '../checkpoint/tar';
 import { PickleGlobal, type PickleValue, unpickle } from '../checkpoint/pickle';
-import { f32Bytes, op, pInt, pStr, stateDictPickle, u32, u64, writeZip } from './torch_zip';
+import { f32Bytes, manyAppends, nestedLists, nestedTuples, op, pInt, pStr, stateDictPickle, u32, u64, writeZip } from './torch_zip';
 
 const FIXTURES = path.join(__dirname, '..', 'fixtures');
 const TMP = fs.mkdtempSync(path.join(os.tmpdir(), 'hostile-input-test-'));
@@ -58,17 +58,6 @@ const DEPTH = 200_000;
 const noGlobals = { file: 'test.pkl', globals: new Map<string, PickleGlobal>() };
 const pickle = (...parts: (Buffer | string)[]): Buffer =>
   Buffer.concat([Buffer.from([0x80, 2]), ...parts.map((p) => (typeof p === 'string' ? op(p) : p)), op('.')]);
-
-/** EMPTY_LIST MARK (BININT1 i % 256) x N APPENDS: a list of N small integers. */
-const manyAppends = (n: number): Buffer => {
-  const items = Buffer.alloc(2 * n);
-  for (let i = 0; i < n; i++) items.writeUInt8(0x4b, 2 * i), items.writeUInt8(i % 256, 2 * i + 1);
-  return Buffer.concat([op(']('), items, op('e')]);
-};
-/** DEPTH empty lists, each appended into the one below it: [[[...]]] DEPTH deep. */
-const nestedLists = (depth: number): Buffer => Buffer.concat([Buffer.alloc(depth, ']'), Buffer.alloc(depth - 1, 'a')]);
-/** DEPTH MARKs, then DEPTH TUPLEs: ((((),),),) DEPTH deep, through the mark stack. */
-const nestedTuples = (depth: number): Buffer => Buffer.concat([Buffer.alloc(depth, '('), Buffer.alloc(depth, 't')]);
 
 function depthOf(value: PickleValue): number {
   let depth = 0;

@@ -64,26 +64,23 @@ export interface ZipRecord {
   holeSize?: number;
 }
 
-/** Writes a "stored" zip; zip64 puts every size / offset in zip64 extra fields and adds the zip64 end records. */
-export function writeZip(file: string, records: ZipRecord[], zip64: boolean): void {
-  const fd = fs.openSync(file, 'w');
-  let pos = 0;
-  const write = (b: Buffer): void => {
-    fs.writeSync(fd, b, 0, b.length, pos);
-    pos += b.length;
-  };
+/**
+ * A "stored" zip of `records`, emitted through `write` (and `skip` for hole records); zip64 puts
+ * every size / offset in zip64 extra fields and adds the zip64 end records.
+ */
+function emitZip(records: ZipRecord[], zip64: boolean, write: (b: Buffer) => void, skip: (n: number) => void, at: () => number): void {
   const central: Buffer[] = [];
   for (const r of records) {
     const name = Buffer.from(r.name, 'utf8');
     const size = r.data ? r.data.length : (r.holeSize as number);
     const crc = r.data ? crc32(r.data) : 0; // crc32 is itself checked on torch's files above
-    const offset = pos;
+    const offset = at();
     const big = zip64 ? 0xffffffff : size;
     const localExtra = zip64 ? Buffer.concat([u16(1), u16(16), u64(size), u64(size)]) : Buffer.alloc(0);
     write(Buffer.concat([u32(0x04034b50), u16(45), u16(0x0800), u16(0), u16(0), u16(0x21), u32(crc), u32(big), u32(big)]));
     write(Buffer.concat([u16(name.length), u16(localExtra.length), name, localExtra]));
     if (r.data) write(Buffer.from(r.data));
-    else pos += size;
+    else skip(size);
     const centralExtra = zip64 ? Buffer.concat([u16(1), u16(24), u64(size), u64(size), u64(offset)]) : Buffer.alloc(0);
     central.push(
       Buffer.concat([u32(0x02014b50), u16(45), u16(45), u16(0x0800), u16(0), u16(0), u16(0x21), u32(crc), u32(big), u32(big)]),
@@ -92,19 +89,65 @@ export function writeZip(file: string, records: ZipRecord[], zip64: boolean): vo
       centralExtra,
     );
   }
-  const cdOffset = pos;
+  const cdOffset = at();
   const cd = Buffer.concat(central);
   write(cd);
   const n = records.length;
   if (zip64) {
-    const eocd64 = pos;
+    const eocd64 = at();
     write(Buffer.concat([u32(0x06064b50), u64(44), u16(45), u16(45), u32(0), u32(0), u64(n), u64(n), u64(cd.length), u64(cdOffset)]));
     write(Buffer.concat([u32(0x07064b50), u32(0), u64(eocd64), u32(1)]));
     write(Buffer.concat([u32(0x06054b50), u16(0xffff), u16(0xffff), u16(0xffff), u16(0xffff), u32(0xffffffff), u32(0xffffffff), u16(0)]));
   } else {
     write(Buffer.concat([u32(0x06054b50), u16(0), u16(0), u16(n), u16(n), u32(cd.length), u32(cdOffset), u16(0)]));
   }
-  fs.closeSync(fd);
 }
+
+/** Writes a "stored" zip to `file` (hole records left as sparse holes); see emitZip. */
+export function writeZip(file: string, records: ZipRecord[], zip64: boolean): void {
+  const fd = fs.openSync(file, 'w');
+  let pos = 0;
+  const write = (b: Buffer): void => {
+    fs.writeSync(fd, b, 0, b.length, pos);
+    pos += b.length;
+  };
+  try {
+    emitZip(records, zip64, write, (n) => (pos += n), () => pos);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** The bytes of a "stored" zip of `records` (each with its data), sizes in the local headers. */
+export function storedZip(records: ZipRecord[]): Buffer {
+  const parts: Buffer[] = [];
+  let pos = 0;
+  const write = (b: Buffer): void => {
+    parts.push(b);
+    pos += b.length;
+  };
+  emitZip(records, false, write, () => {
+    throw new Error('storedZip: every record needs its data');
+  }, () => pos);
+  return Buffer.concat(parts);
+}
+
+// Pickles as deep or as long as an attacker likes (issue 10, finding 7), each a complete value.
+
+/** EMPTY_LIST MARK (BININT1 i % 256) x n APPENDS: a list of n small integers. */
+export function manyAppends(n: number): Buffer {
+  const items = Buffer.alloc(2 * n);
+  for (let i = 0; i < n; i++) {
+    items[2 * i] = 0x4b;
+    items[2 * i + 1] = i % 256;
+  }
+  return Buffer.concat([op(']('), items, op('e')]);
+}
+
+/** `depth` empty lists, each appended into the one below it: [[[...]]] `depth` deep. */
+export const nestedLists = (depth: number): Buffer => Buffer.concat([Buffer.alloc(depth, ']'), Buffer.alloc(depth - 1, 'a')]);
+
+/** `depth` MARKs, then `depth` TUPLEs: ((((),),),) `depth` deep, through the mark stack. */
+export const nestedTuples = (depth: number): Buffer => Buffer.concat([Buffer.alloc(depth, '('), Buffer.alloc(depth, 't')]);
 
 export const f32Bytes = (values: number[]): Uint8Array => new Uint8Array(new Float32Array(values).buffer);

@@ -5,6 +5,7 @@
  */
 import { expect } from 'vitest';
 import { crc32 } from '../../checkpoint/crc32';
+import { storedZip } from '../torch_zip';
 import type { Rng } from './rng';
 
 export type Range = readonly [start: number, end: number];
@@ -29,6 +30,14 @@ export interface Anatomy {
   readonly fieldGroups: Map<string, Field[]>;
   /** The state-dict pickle (zip formats), and how to make its CRC-32 match after an edit. */
   readonly pickle?: { range: Range; recrc: (bytes: Buffer) => void };
+  /** How to write the same file with another pickle (zip formats): rebuilt around it. */
+  readonly withPickle?: (pickle: Buffer) => Buffer;
+}
+
+/** A zip record or tar member: its name and where its data is. */
+interface Part {
+  readonly name: string;
+  readonly range: Range;
 }
 
 const SIG = {
@@ -126,6 +135,7 @@ export function zipAnatomy(file: Buffer, base: number, zipLength: number): Anato
   }
 
   const data: Range[] = [];
+  const records: Part[] = [];
   let pickle: Anatomy['pickle'];
   for (let i = 0, at = cdOffset; i < count; i++) {
     expect(zip.readUInt32LE(at)).toBe(SIG.central);
@@ -157,6 +167,7 @@ export function zipAnatomy(file: Buffer, base: number, zipLength: number): Anato
       add('data descriptors', `descriptor of "${name}" size`, start + size + 12, 4);
     }
     if (/\/data\/[^/]+$/.test(name)) data.push([base + start, base + start + size]);
+    records.push({ name, range: [start, start + size] });
     if (name.endsWith('/data.pkl')) {
       const range: Range = [base + start, base + start + size];
       const recrc = (bytes: Buffer): void => {
@@ -174,7 +185,10 @@ export function zipAnatomy(file: Buffer, base: number, zipLength: number): Anato
     at += 46 + nameLength + zip.readUInt16LE(at + 30) + zip.readUInt16LE(at + 32);
   }
   expect(pickle).toBeDefined();
-  return { data, fieldGroups: groups, pickle };
+  // Another pickle: the same records in the same order, rewritten with sizes in the local headers.
+  const withPickle = (newPickle: Buffer): Buffer =>
+    storedZip(records.map((r) => ({ name: r.name, data: r.name.endsWith('/data.pkl') ? newPickle : zip.subarray(r.range[0], r.range[1]) })));
+  return { data, fieldGroups: groups, pickle, withPickle };
 }
 
 export function safetensorsAnatomy(file: Buffer): Anatomy {
@@ -202,6 +216,7 @@ interface TarAnatomy extends Anatomy {
 export function tarAnatomy(file: Buffer): TarAnatomy {
   const sizes: Field[] = [];
   const headers: Field[] = [];
+  const members: Part[] = [];
   let pth: Anatomy | null = null;
   let params: Range | null = null;
   for (let header = 0; header + TAR_BLOCK <= file.length && file[header] !== 0; ) {
@@ -216,6 +231,7 @@ export function tarAnatomy(file: Buffer): TarAnatomy {
     headers.push({ what: `tar type of "${name}"`, at: header + 156, kind: 'tar-type', value: BigInt(file[header + 156]), fixup });
     headers.push({ what: `tar name "${name}"`, at: header, kind: 'tar-name', value: 0n, fixup });
     const start = header + TAR_BLOCK;
+    members.push({ name, range: [start, start + size] });
     if (name.endsWith('consolidated.00.pth')) pth = zipAnatomy(file, start, size);
     if (name.endsWith('params.json')) params = [start, start + size];
     header = start + Math.ceil(size / TAR_BLOCK) * TAR_BLOCK;
@@ -224,5 +240,28 @@ export function tarAnatomy(file: Buffer): TarAnatomy {
   const groups = new Map(pth.fieldGroups);
   groups.set('tar size fields', sizes);
   groups.set('tar type flags and names', headers);
-  return { data: pth.data, fieldGroups: groups, pickle: pth.pickle, params };
+  const pthWithPickle = pth.withPickle as (pickle: Buffer) => Buffer;
+  const withPickle = (pickle: Buffer): Buffer =>
+    ustar(members.map((m) => ({ name: m.name, data: m.name.endsWith('consolidated.00.pth') ? pthWithPickle(pickle) : file.subarray(m.range[0], m.range[1]) })));
+  return { data: pth.data, fieldGroups: groups, pickle: pth.pickle, withPickle, params };
+}
+
+/** A plain ustar archive of regular files (names under 100 bytes), ending in two zero blocks. */
+function ustar(members: { name: string; data: Uint8Array }[]): Buffer {
+  const parts: Buffer[] = [];
+  for (const m of members) {
+    const header = Buffer.alloc(TAR_BLOCK);
+    header.write(m.name, 0, 'latin1');
+    header.write('0000644\0', 100, 'latin1');
+    header.write('0000000\0', 108, 'latin1');
+    header.write('0000000\0', 116, 'latin1');
+    header.write(`${m.data.length.toString(8).padStart(11, '0')}\0`, 124, 'latin1');
+    header.write('00000000000\0', 136, 'latin1');
+    header.write('0', 156, 'latin1');
+    header.write('ustar\x0000', 257, 'latin1');
+    tarChecksum(header, 0);
+    parts.push(header, Buffer.from(m.data), Buffer.alloc((TAR_BLOCK - (m.data.length % TAR_BLOCK)) % TAR_BLOCK));
+  }
+  parts.push(Buffer.alloc(2 * TAR_BLOCK));
+  return Buffer.concat(parts);
 }

@@ -5,7 +5,8 @@
 import * as fs from 'fs';
 import * as path from 'path';
 import { type Anatomy, type Range, safetensorsAnatomy, tarAnatomy, zipAnatomy } from './anatomy';
-import { complement, editField, editJsonNumber, editSafetensorsHeader, flipBytes, offsetIn } from './mutations';
+import { manyAppends, nestedLists, nestedTuples } from '../torch_zip';
+import { complement, editField, editJsonNumber, editSafetensorsHeader, flipBits, flipBytes, offsetIn } from './mutations';
 import type { Rng } from './rng';
 
 /** FUZZ_SCALE=<k> runs k rounds of cases instead of one. */
@@ -74,7 +75,15 @@ export interface Case {
    * safetensors file (no checksums) the model must open, and at most this many elements differ.
    */
   readonly dataFlips?: number;
+  /** The corruption leaves the weights as they were: the model must open with every tensor unchanged. */
+  readonly sameWeights?: boolean;
+  /** The model must not open: the error must match this. */
+  readonly error?: RegExp;
 }
+
+/** Pickles as long or as deep as issue 10 found breaking the unpickler's call stack. */
+const APPENDS = 500_000;
+const DEPTH = 200_000;
 
 /** How many cases of each kind, per format. */
 const COUNTS = {
@@ -86,6 +95,7 @@ const COUNTS = {
   fieldEditsPerGroup: 12,
   headerEdits: 48,
   paramsEdits: 12,
+  bitFlipsInData: 8,
 };
 
 export function* casesFor(format: Format, rng: Rng): Generator<Case> {
@@ -164,4 +174,29 @@ function* roundOfCases(format: Format, rng: Rng): Generator<Case> {
       yield { kind: 'params', what: `flip params.json member bytes ${show(offsets.map((o) => o - (format.params as Range)[0]))}`, weights: bytes, paramsTouched: true };
     }
   }
+  // Single bits, as storage and transfers flip them (issue 10 flipped 8 random bits of a checkpoint).
+  for (let i = 0; i < COUNTS.bitFlipsInData; i++) {
+    const bytes = Buffer.from(original);
+    const bits = flipBits(rng, bytes, anatomy.data);
+    yield { kind: 'bit flips (tensor data)', what: `flip bits ${bits.join(',')} (byte.bit) in tensor data`, weights: bytes, paramsTouched: false, dataFlips: bits.length };
+  }
+  if (anatomy.pickle && anatomy.withPickle) yield* deepPickleCases(rng, original.subarray(...anatomy.pickle.range), anatomy.withPickle);
+}
+
+/**
+ * The state dict's pickle with a list of 500,000 items built and dropped (POP) before it: the model
+ * must open unchanged; or a structure 200,000 deep instead of the state dict: a clean error. The file is rebuilt around the longer pickle (a new zip, and in the tar a new tar).
+ */
+function* deepPickleCases(rng: Rng, pickle: Buffer, withPickle: (pickle: Buffer) => Buffer): Generator<Case> {
+  if (pickle[0] !== 0x80) throw new Error('fuzz setup: the state dict pickle does not start with PROTO');
+  const proto = pickle.subarray(0, 2);
+  const before = (value: Buffer): Buffer => Buffer.concat([proto, value, Buffer.from('0'), pickle.subarray(2)]);
+  const instead = (value: Buffer): Buffer => Buffer.concat([proto, value, Buffer.from('.')]);
+  const kind = 'deep pickle (APPENDS, nesting)';
+  const notADict = /pickle does not hold a dict/;
+  // Two cases per format, to keep the run short: the long list (the finding) dropped, and a deep
+  // structure (lists or tuples, by the seed) where the state dict should be.
+  yield { kind, what: `${APPENDS} APPENDS items popped before the state dict`, weights: withPickle(before(manyAppends(APPENDS))), paramsTouched: false, sameWeights: true };
+  const [shape, deep] = rng.next() < 0.5 ? ['lists', nestedLists(DEPTH)] : ['tuples', nestedTuples(DEPTH)];
+  yield { kind, what: `${shape} nested ${DEPTH} deep instead of the state dict`, weights: withPickle(instead(deep)), paramsTouched: false, error: notADict };
 }

@@ -37,6 +37,19 @@ export function flipBytes(rng: Rng, bytes: Buffer, ranges: readonly Range[], mos
   return [...offsets].sort((a, b) => a - b);
 }
 
+/** Flips 1 to `most` distinct single bits in `ranges`; returns them as "byte.bit". */
+export function flipBits(rng: Rng, bytes: Buffer, ranges: readonly Range[], most = 8): string[] {
+  const count = 1 + rng.int(most);
+  const bits = new Map<string, [number, number]>();
+  while (bits.size < count) {
+    const at = offsetIn(rng, ranges);
+    const bit = rng.int(8);
+    bits.set(`${at}.${bit}`, [at, bit]);
+  }
+  for (const [at, bit] of bits.values()) bytes[at] ^= 1 << bit;
+  return [...bits.keys()];
+}
+
 /** Values worth trying in a field that holds `value`. */
 function candidateValues(rng: Rng, value: bigint, width: 1 | 2 | 4 | 8, fileSize: number): bigint[] {
   const max = (1n << BigInt(8 * width)) - 1n;

@@ -134,6 +134,8 @@ export async function fuzz(format: Format, seed: number): Promise<string[]> {
     try {
       const changed = await openAndRead(format, c.weights.length, reference, memory);
       outcome = 'opened';
+      if (c.error) failures.push(`${label}: opened; expected an error matching ${c.error}`);
+      if (c.sameWeights && changed !== 0) failures.push(`${label}: opened with ${changed} elements changed; expected the same weights`);
       if (c.dataFlips !== undefined && format.checksummed) {
         failures.push(`${label}: a flip inside tensor data opened; the record's CRC-32 must catch it`);
       } else if (c.dataFlips !== undefined) {
@@ -155,6 +157,8 @@ export async function fuzz(format: Format, seed: number): Promise<string[]> {
       } else {
         outcome = 'clean error';
       }
+      if (c.sameWeights) failures.push(`${label}: a corruption that leaves the weights as they were must open, got: ${shown}`);
+      if (c.error && !c.error.test(message)) failures.push(`${label}: expected an error matching ${c.error}, got: ${shown}`);
       if (c.dataFlips !== undefined && !format.checksummed) {
         failures.push(`${label}: a flip inside tensor data of a file without checksums must not be an error, got: ${shown}`);
       } else if (c.dataFlips !== undefined && !/record "[^"]+\/data\/\d+" \([^)]*tensor "[^"]+"[^)]*\) fails its CRC-32 check/.test(message)) {

@@ -29,3 +29,27 @@ export class CheckpointError extends Error {
     this.file = file;
   }
 }
+
+/** Nesting shown by showValue; deeper arrays and objects are written [...] and {...}. */
+const SHOW_DEPTH = 3;
+/** Items shown per array or object, and characters per string. */
+const SHOW_ITEMS = 8;
+const SHOW_CHARS = 100;
+
+/**
+ * A value read from a file (JSON, a pickle), written for a message the way JSON writes it, but
+ * bounded: a few levels deep, a few items per level. JSON.stringify of a 100,000-deep array from a
+ * hostile file would overflow the call stack; this never goes deeper than SHOW_DEPTH.
+ */
+export function showValue(value: unknown, depth = 0): string {
+  if (typeof value === 'string') return JSON.stringify(value.length > SHOW_CHARS ? `${value.slice(0, SHOW_CHARS)}...` : value);
+  if (value === null || typeof value !== 'object') return String(value);
+  const items: string[] = [];
+  const entries = Array.isArray(value) ? value : Object.entries(value);
+  const shown = depth >= SHOW_DEPTH ? [] : entries.slice(0, SHOW_ITEMS);
+  for (const entry of shown) {
+    items.push(Array.isArray(value) ? showValue(entry, depth + 1) : `${JSON.stringify((entry as [string, unknown])[0])}:${showValue((entry as [string, unknown])[1], depth + 1)}`);
+  }
+  if (entries.length > shown.length) items.push(shown.length === 0 ? '...' : `... ${entries.length - shown.length} more`);
+  return Array.isArray(value) ? `[${items.join(',')}]` : `{${items.join(',')}}`;
+}

@@ -11,7 +11,8 @@
 import * as fs from 'fs';
 import * as path from 'path';
 import { toFloat32 } from './dtypes';
-import { CheckpointError } from './errors';
+import { CheckpointError, showValue } from './errors';
+import { MAX_JSON_BYTES, readRegularFile } from './files';
 import { openPth } from './pth';
 import { openSafetensors } from './safetensors';
 import type { RawTensor, WeightInfo, WeightReader } from './types';
@@ -32,13 +33,7 @@ export interface MistralParams {
 
 /** Reads and parses a JSON file; a CheckpointError naming it otherwise. */
 export function readJson(file: string): unknown {
-  let text: string;
-  try {
-    text = fs.readFileSync(file, 'utf8');
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    throw new CheckpointError(file, `cannot read (${code === 'ENOENT' ? 'no such file' : code ?? String(err)})`);
-  }
+  const text = readRegularFile(file, MAX_JSON_BYTES, 'a JSON file').toString('utf8');
   try {
     return JSON.parse(text);
   } catch (err) {
@@ -59,7 +54,7 @@ const isObject = (v: unknown): v is Record<string, unknown> =>
 export function paramsFromHfConfig(config: unknown, file: string): MistralParams {
   if (!isObject(config)) throw new CheckpointError(file, 'expected a JSON object (a Hugging Face model config)');
   const c = config;
-  const show = (v: unknown): string => JSON.stringify(v) ?? String(v);
+  const show = showValue;
   const positiveInt = (name: string): number => {
     const v = c[name];
     if (v === undefined) throw new CheckpointError(file, `missing field "${name}"`);
@@ -243,7 +238,7 @@ function openShards(folder: string, weightsName: string): { readers: WeightReade
   try {
     for (const [name, shard] of weightMap) {
       if (typeof shard !== 'string' || shard === '' || shard !== path.basename(shard) || shard === '..') {
-        throw new CheckpointError(file, `weight_map gives "${name}" the shard ${JSON.stringify(shard)}; expected a file name in the same folder`);
+        throw new CheckpointError(file, `weight_map gives "${name}" the shard ${showValue(shard)}; expected a file name in the same folder`);
       }
       if (!shards.has(shard)) {
         if (!fs.existsSync(path.join(folder, shard))) {

@@ -5,11 +5,15 @@
  * folder. openModel looks at what the path holds and returns the hyperparameters under params.json's
  * names, a WeightReader under the reference's tensor names, and where the tokenizer is.
  */
+import { AsyncLocalStorage } from 'async_hooks';
 import * as fs from 'fs';
 import * as path from 'path';
+import { toFloat32 } from './dtypes';
 import { CheckpointError } from './errors';
+import { kindOf, openRegularFile } from './files';
 import { findHfWeights, HF_WEIGHT_FILES, openHfFolder, readJson } from './hf';
 import { openPth } from './pth';
+import { findNonFinite, type NonFiniteWeights } from './finite';
 import { openSafetensors } from './safetensors';
 import { BYTES_PER_ELEMENT, type RawTensor, type WeightReader } from './types';
 
@@ -20,9 +24,17 @@ export type TokenizerSource = { path: string } | { bytes: Uint8Array; name: stri
 
 export type ProgressCallback = (bytesDone: number, bytesTotal: number) => void;
 
+export type { NonFiniteWeights } from './finite';
+
 export interface OpenModelOptions {
   /** Called as weights are read (and, for a tar, as it is scanned). */
   onProgress?: ProgressCallback;
+  /**
+   * Called when a tensor read holds NaN or Inf (each tensor once, as it is read). Without it, the
+   * listener of an enclosing reportNonFiniteWeights is called, if any; either way the findings
+   * are also collected in ModelFiles.nonFinite.
+   */
+  onNonFinite?: (finding: NonFiniteWeights) => void;
 }
 
 export interface ModelFiles {
@@ -35,8 +47,21 @@ export interface ModelFiles {
   paramsFile: string;
   weights: WeightReader;
   tokenizer: TokenizerSource;
+  /** The tensors read so far that hold NaN or Inf, in the order they were read. */
+  readonly nonFinite: readonly NonFiniteWeights[];
   /** Closes the weights. */
   close(): void;
+}
+
+const nonFiniteListener = new AsyncLocalStorage<(finding: NonFiniteWeights) => void>();
+
+/**
+ * Runs `work` with `listener` told of every tensor holding NaN or Inf that any openModel inside it
+ * reads (however deep the call: loadModel, Transformer.fromFolder), unless that openModel was given
+ * its own onNonFinite. The checkpoint layer only finds them; the caller decides how to report them.
+ */
+export function reportNonFiniteWeights<T>(listener: (finding: NonFiniteWeights) => void, work: () => Promise<T>): Promise<T> {
+  return nonFiniteListener.run(listener, work);
 }
 
 const NOT_A_MODEL =
@@ -49,18 +74,73 @@ const LOOKED_FOR = ['params.json', 'consolidated.00.pth', 'consolidated.safetens
 
 const TAR_MAGIC_OFFSET = 257;
 
+/** Shards of a Hugging Face folder, with or without their index. */
+const HF_SHARD = /^(model-\d+-of-\d+\.safetensors|pytorch_model-\d+-of-\d+\.bin)$/;
+
 const isFile = (file: string): boolean => fs.statSync(file, { throwIfNoEntry: false })?.isFile() ?? false;
 
-/** True when `file` starts with a tar header ("ustar" at offset 257: POSIX, GNU and pax tars). */
-function isTar(file: string): boolean {
-  const fd = fs.openSync(file, 'r');
+/** What a file given as the model is, from its first bytes. */
+type FileKind = 'tar' | 'gguf' | 'zip' | 'safetensors' | 'other';
+
+function fileKind(file: string): FileKind {
+  const { fd } = openRegularFile(file, 'a model folder or a .tar');
   try {
-    const magic = Buffer.alloc(5);
-    const got = fs.readSync(fd, magic, 0, 5, TAR_MAGIC_OFFSET);
-    return got === 5 && magic.toString('latin1') === 'ustar';
+    const head = Buffer.alloc(TAR_MAGIC_OFFSET + 5);
+    const got = fs.readSync(fd, head, 0, head.length, 0);
+    // "ustar" at offset 257: POSIX, GNU and pax tars.
+    if (got === head.length && head.toString('latin1', TAR_MAGIC_OFFSET) === 'ustar') return 'tar';
+    if (got >= 4 && head.toString('latin1', 0, 4) === 'GGUF') return 'gguf';
+    if (got >= 4 && head.readUInt32LE(0) === 0x04034b50) return 'zip';
+    // safetensors: an 8-byte header length, then the header's JSON object.
+    if (got >= 9 && head.readBigUInt64LE(0) < BigInt(1) << BigInt(32) && head[8] === 0x7b) return 'safetensors';
+    return 'other';
   } finally {
     fs.closeSync(fd);
   }
+}
+
+/** The error for a model path that is a file but not a tar: say what it is and what to pass instead. */
+function notAModelFile(file: string, kind: FileKind): CheckpointError {
+  if (kind === 'gguf') {
+    return new CheckpointError(
+      file,
+      "is a GGUF file (llama.cpp's format): GGUF is not supported yet; pass the original model folder (params.json, consolidated.00.pth, tokenizer.model), its .tar, or a Hugging Face folder",
+    );
+  }
+  const folder = path.dirname(path.resolve(file));
+  const name = path.basename(file);
+  const what =
+    kind === 'zip'
+      ? 'a torch.save checkpoint'
+      : kind === 'safetensors'
+        ? 'a safetensors file'
+        : name === 'params.json' || name === 'config.json' || /^tokenizer\.model(\.v\d+)?$/.test(name)
+          ? `the model's ${name}`
+          : null;
+  const inModelFolder = LOOKED_FOR.some((f) => isFile(path.join(folder, f))) || fs.readdirSync(folder).some((f) => HF_SHARD.test(f));
+  if (what !== null || inModelFolder) {
+    return new CheckpointError(file, `is ${what ?? 'a file'} inside a model folder, not a model: pass the folder that holds this file (${folder})`);
+  }
+  return new CheckpointError(file, NOT_A_MODEL);
+}
+
+/** The error for a folder in no layout we know, naming what is missing where we can tell. */
+function notAModelFolder(folder: string, has: (name: string) => boolean): CheckpointError {
+  const shards = fs.readdirSync(folder).filter((f) => HF_SHARD.test(f));
+  const hfWeights = [...HF_WEIGHT_FILES.filter(has), ...shards];
+  if (hfWeights.length > 0 && !has('config.json')) {
+    const shown = hfWeights.length > 2 ? `${hfWeights.slice(0, 2).join(', ')}...` : hfWeights.join(', ');
+    return new CheckpointError(
+      path.join(folder, 'config.json'),
+      `missing config.json: the folder looks like a Hugging Face model (it has ${shown}), which needs its config.json beside the weights`,
+    );
+  }
+  if (shards.length > 0) {
+    const index = shards[0].endsWith('.bin') ? 'pytorch_model.bin.index.json' : 'model.safetensors.index.json';
+    return new CheckpointError(path.join(folder, index), `missing: the folder has shards (${shards[0]}...) but not the index that says which tensor is in which`);
+  }
+  const present = LOOKED_FOR.filter(has);
+  return new CheckpointError(folder, `${NOT_A_MODEL} (this folder has ${present.length ? present.join(', ') : 'none of those files'})`);
 }
 
 /**
@@ -96,10 +176,36 @@ export function withProgress(reader: WeightReader, onProgress: ProgressCallback)
   };
 }
 
+/**
+ * `reader` with each tensor scanned for NaN and Inf the first time it is read (from its stored
+ * bits: about 0.3 s per GB), `report` called for each one that has some.
+ */
+export function withNonFiniteCheck(reader: WeightReader, report: (finding: NonFiniteWeights) => void): WeightReader {
+  const scanned = new Set<string>();
+  const readRaw = (name: string): RawTensor => {
+    const raw = reader.readRaw(name);
+    if (!scanned.has(name)) {
+      scanned.add(name);
+      const found = findNonFinite(raw.dtype, raw.data);
+      if (found) report({ file: reader.path, tensor: name, numel: raw.data.length, ...found });
+    }
+    return raw;
+  };
+  return {
+    path: reader.path,
+    tensors: reader.tensors,
+    readRaw,
+    read: (name: string): Float32Array => toFloat32(readRaw(name)),
+    close: () => reader.close(),
+  };
+}
+
 /** The folder's tokenizer.model, which every folder format needs. */
 function folderTokenizer(folder: string): TokenizerSource {
   const file = path.join(folder, 'tokenizer.model');
-  if (!isFile(file)) {
+  const stat = fs.statSync(file, { throwIfNoEntry: false });
+  if (stat && !stat.isFile()) throw new CheckpointError(file, `is ${kindOf(stat)}, expected the SentencePiece tokenizer.model (a regular file)`);
+  if (!stat) {
     // Later Mistral downloads name it tokenizer.model.v3 (etc.); HF folders may have only tokenizer.json.
     const versioned = fs.readdirSync(folder).filter((f) => /^tokenizer\.model\.v\d+$/.test(f));
     const hint = versioned.length
@@ -121,8 +227,14 @@ function modelFiles(
   tokenizer: TokenizerSource,
   opts: OpenModelOptions,
 ): ModelFiles {
-  const reader = opts.onProgress && format !== 'tar' ? withProgress(weights, opts.onProgress) : weights;
-  return { format, path: modelPath, params, paramsFile, weights: reader, tokenizer, close: () => reader.close() };
+  const nonFinite: NonFiniteWeights[] = [];
+  const listener = opts.onNonFinite ?? nonFiniteListener.getStore();
+  const checked = withNonFiniteCheck(weights, (finding) => {
+    nonFinite.push(finding);
+    listener?.(finding);
+  });
+  const reader = opts.onProgress && format !== 'tar' ? withProgress(checked, opts.onProgress) : checked;
+  return { format, path: modelPath, params, paramsFile, weights: reader, tokenizer, nonFinite, close: () => reader.close() };
 }
 
 /**
@@ -135,14 +247,15 @@ export async function openModel(modelPath: string, opts: OpenModelOptions = {}):
   if (!stat) throw new CheckpointError(modelPath, 'no such file or folder');
 
   if (stat.isFile()) {
-    if (!isTar(modelPath)) throw new CheckpointError(modelPath, NOT_A_MODEL);
+    const kind = fileKind(modelPath);
+    if (kind !== 'tar') throw notAModelFile(modelPath, kind);
     // Loaded on first use: it brings in the tar-stream package, which the other formats do not need.
     const { openTar } = await import('./tar');
     const tar = await openTar(modelPath, { onProgress: opts.onProgress });
     const tokenizer = { bytes: tar.tokenizerBytes, name: tar.tokenizerName };
     return modelFiles('tar', modelPath, tar.params, tar.paramsFile, tar.weights, tokenizer, opts);
   }
-  if (!stat.isDirectory()) throw new CheckpointError(modelPath, NOT_A_MODEL);
+  if (!stat.isDirectory()) throw new CheckpointError(modelPath, `is ${kindOf(stat)}, not a model: expected a model folder or a .tar`);
 
   const has = (name: string): boolean => isFile(path.join(modelPath, name));
   if (has('params.json') && (has('consolidated.00.pth') || has('consolidated.safetensors'))) {
@@ -160,12 +273,14 @@ export async function openModel(modelPath: string, opts: OpenModelOptions = {}):
     const { params, paramsFile, weights } = openHfFolder(modelPath);
     return modelFiles('hf', modelPath, params, paramsFile, weights, tokenizer, opts);
   }
-  // Half an official folder: name what is missing or wrong.
-  for (const name of ['params.json', 'consolidated.00.pth', 'consolidated.safetensors']) {
-    if (fs.existsSync(path.join(modelPath, name)) && !has(name)) {
-      throw new CheckpointError(path.join(modelPath, name), 'expected a file, found a folder');
+  // A file we look for that is not a regular file (a folder, a FIFO...): name it.
+  for (const name of LOOKED_FOR) {
+    const other = fs.statSync(path.join(modelPath, name), { throwIfNoEntry: false });
+    if (other && !other.isFile()) {
+      throw new CheckpointError(path.join(modelPath, name), `is ${kindOf(other)}, expected a file`);
     }
   }
+  // Half an official folder: name what is missing.
   if (has('params.json') && !has('config.json')) {
     throw new CheckpointError(
       path.join(modelPath, 'consolidated.00.pth'),
@@ -175,6 +290,5 @@ export async function openModel(modelPath: string, opts: OpenModelOptions = {}):
   if (has('consolidated.00.pth') || has('consolidated.safetensors')) {
     throw new CheckpointError(path.join(modelPath, 'params.json'), 'missing (it gives the hyperparameters of the consolidated weights beside it)');
   }
-  const present = LOOKED_FOR.filter(has);
-  throw new CheckpointError(modelPath, `${NOT_A_MODEL} (this folder has ${present.length ? present.join(', ') : 'none of those files'})`);
+  throw notAModelFolder(modelPath, has);
 }

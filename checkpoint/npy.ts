@@ -6,6 +6,7 @@
 import * as fs from 'fs';
 import * as os from 'os';
 import { CheckpointError } from './errors';
+import { openRegularFile } from './files';
 
 export type NpyDtype = 'float32' | 'float64' | 'int32' | 'int64';
 
@@ -16,6 +17,11 @@ export interface NpyArray {
   /** float32 -> Float32Array, float64 -> Float64Array, int32 and int64 -> Int32Array (int64 values must fit in int32). */
   data: Float32Array | Float64Array | Int32Array;
 }
+
+/** The longest header accepted (numpy's own reader stops at 10,000 bytes by default). */
+const MAX_HEADER_BYTES = 1 << 20;
+/** fs.readSync reads at most about 2 GiB per call; stay well below that. */
+const READ_CHUNK = 1 << 30;
 
 const MAGIC = Buffer.from([0x93, 0x4e, 0x55, 0x4d, 0x50, 0x59]); // "\x93NUMPY"
 
@@ -82,32 +88,55 @@ function parseHeader(path: string, text: string): { descr: string; fortranOrder:
   return { descr: descr[1], fortranOrder: fortran[1] === 'True', shape: dims.map((s) => parseInt(s, 10)) };
 }
 
-/** Reads a .npy file. Throws CheckpointError for other dtypes, big-endian data, Fortran order or a truncated file. */
+/** Reads `target.length` bytes at `position` of `fd`, or throws naming `path`. */
+function readExactly(fd: number, target: Uint8Array, position: number, path: string, what: string): void {
+  for (let done = 0; done < target.length; ) {
+    const got = fs.readSync(fd, target, done, Math.min(READ_CHUNK, target.length - done), position + done);
+    if (got === 0) throw new CheckpointError(path, `unexpected end of file reading ${what} (truncated?)`);
+    done += got;
+  }
+}
+
+/**
+ * Reads a .npy file. Throws CheckpointError for other dtypes, big-endian data, Fortran order or a
+ * truncated file. The header is read and checked against the file's size before the data is
+ * allocated, so a header claiming a huge shape costs nothing.
+ */
 export function readNpy(path: string): NpyArray {
   checkLittleEndianHost(path);
-  let file: Buffer;
+  const { fd, size } = openRegularFile(path, 'a .npy file');
   try {
-    file = fs.readFileSync(path);
-  } catch (err) {
-    throw new CheckpointError(path, `cannot read: ${(err as Error).message}`);
+    return readNpyFrom(fd, size, path);
+  } finally {
+    fs.closeSync(fd);
   }
-  if (file.length < 10 || !file.subarray(0, 6).equals(MAGIC)) throw new CheckpointError(path, 'not a .npy file (bad magic)');
-  const major = file[6];
+}
+
+function readNpyFrom(fd: number, fileSize: number, path: string): NpyArray {
+  const preamble = Buffer.alloc(Math.min(12, fileSize));
+  readExactly(fd, preamble, 0, path, 'the header');
+  if (preamble.length < 10 || !preamble.subarray(0, 6).equals(MAGIC)) throw new CheckpointError(path, 'not a .npy file (bad magic)');
+  const major = preamble[6];
   let headerStart: number;
   let headerLength: number;
   if (major === 1) {
     headerStart = 10;
-    headerLength = file.readUInt16LE(8);
+    headerLength = preamble.readUInt16LE(8);
   } else if (major === 2 || major === 3) {
-    if (file.length < 12) throw new CheckpointError(path, 'truncated .npy header');
+    if (preamble.length < 12) throw new CheckpointError(path, 'truncated .npy header');
     headerStart = 12;
-    headerLength = file.readUInt32LE(8);
+    headerLength = preamble.readUInt32LE(8);
   } else {
-    throw new CheckpointError(path, `unsupported .npy format version ${major}.${file[7]}`);
+    throw new CheckpointError(path, `unsupported .npy format version ${major}.${preamble[7]}`);
+  }
+  if (headerLength > MAX_HEADER_BYTES) {
+    throw new CheckpointError(path, `.npy header length ${headerLength} is over the ${MAX_HEADER_BYTES} bytes accepted`);
   }
   const dataStart = headerStart + headerLength;
-  if (dataStart > file.length) throw new CheckpointError(path, 'truncated .npy header');
-  const header = parseHeader(path, file.toString(major === 3 ? 'utf8' : 'latin1', headerStart, dataStart));
+  if (dataStart > fileSize) throw new CheckpointError(path, 'truncated .npy header');
+  const headerBytes = Buffer.alloc(headerLength);
+  readExactly(fd, headerBytes, headerStart, path, 'the header');
+  const header = parseHeader(path, headerBytes.toString(major === 3 ? 'utf8' : 'latin1'));
   const kind = DESCR[header.descr];
   if (!kind) {
     throw new CheckpointError(path, `unsupported dtype '${header.descr}'; expected little-endian float32/float64/int32/int64 ('<f4', '<f8', '<i4', '<i8')`);
@@ -115,15 +144,15 @@ export function readNpy(path: string): NpyArray {
   if (header.fortranOrder) throw new CheckpointError(path, 'Fortran-order arrays are not supported; save a C-order array');
   const numel = header.shape.reduce((a, b) => a * b, 1);
   const byteLength = numel * kind.size;
-  if (file.length - dataStart !== byteLength) {
+  if (fileSize - dataStart !== byteLength) {
     throw new CheckpointError(
       path,
-      `data is ${file.length - dataStart} bytes but shape (${header.shape}) of ${kind.dtype} needs ${byteLength} (truncated?)`,
+      `data is ${fileSize - dataStart} bytes but shape (${header.shape}) of ${kind.dtype} needs ${byteLength} (truncated?)`,
     );
   }
-  // Copy into a fresh, aligned buffer.
+  // Straight into a fresh, aligned buffer.
   const bytes = new Uint8Array(byteLength);
-  bytes.set(file.subarray(dataStart));
+  readExactly(fd, bytes, dataStart, path, 'the data');
   let data: Float32Array | Float64Array | Int32Array;
   switch (kind.dtype) {
     case 'float32':

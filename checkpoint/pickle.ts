@@ -50,6 +50,9 @@ export function unpickle(data: Uint8Array, options: UnpickleOptions): PickleValu
   return new Unpickler(data, options).run();
 }
 
+/** LONG1 / LONG4 integers longer than this are refused (2^53 fits in 7 bytes). */
+const MAX_LONG_BYTES = 16;
+
 function isDict(v: PickleValue): v is PickleDict {
   return v instanceof Map;
 }
@@ -125,6 +128,8 @@ class Unpickler {
   }
   /** Little-endian two's complement integer of n bytes (LONG1 / LONG4). */
   private long(n: number): number {
+    // Pickle writes the fewest bytes; a longer one cannot fit in 2^53 and would take quadratic time here.
+    if (n > MAX_LONG_BYTES) this.fail(`integer of ${n} bytes is too large`);
     const at = this.need(n);
     let v = 0n;
     for (let i = n - 1; i >= 0; i--) v = (v << 8n) | BigInt(this.data[at + i]);
@@ -174,7 +179,9 @@ class Unpickler {
   }
   private append(list: PickleValue, items: PickleValue[]): void {
     if (!Array.isArray(list) || Object.isFrozen(list)) this.fail(`APPEND(S) on a ${describe(list)}, expected a list`);
-    list.push(...items);
+    // One by one: list.push(...items) passes every item as an argument, and 500,000 of them
+    // overflow the call stack.
+    for (const item of items) list.push(item);
   }
   private global(module: string, name: string): void {
     const g = this.options.globals.get(`${module}.${name}`);

@@ -11,33 +11,26 @@
  * checked against its descriptor; data.pkl's end is found by looking for a descriptor whose sizes
  * and CRC-32 match the bytes before it. Records that state their sizes up front (other writers,
  * zip64 extra fields included) are read by those sizes. The pickle is read, with the same checks
- * and messages, by pth.ts's parseStateDict.
+ * and messages, by state_dict.ts's parseStateDict,
+ * as pth.ts reads it.
  *
  * Each storage the pickle references is copied into one typed array (Uint16Array for bfloat16 and
  * float16, Float32Array for float32); tensors are views into it. Every size is checked against the
- * bytes left in the stream before anything is allocated. Storage CRCs are not checked (14 GB of
- * table CRC would cost more than reading them).
+ * bytes left in the stream before anything is allocated. Every record's CRC-32 is computed as its
+ * bytes go by (zlib's, about 0.4 s per GB) and checked against its local header or data descriptor.
  */
 import * as os from 'os';
 import { toFloat32 } from './dtypes';
 import { CheckpointError } from './errors';
-import { parseStateDict, type StateDictTensor } from './pth';
+import { MAX_PICKLE_BYTES, parseStateDict, type StateDictTensor } from './state_dict';
 import { BYTES_PER_ELEMENT, type RawTensor, type WeightDtype, type WeightInfo, type WeightReader } from './types';
-import { crc32 } from './zip';
+import { crc32 } from './crc32';
+import { FLAG_DESCRIPTOR, FLAG_ENCRYPTED, LOCAL_HEADER_SIZE, SATURATED_32, ZIP64_EXTRA_ID, ZIP_SIG } from './zip_format';
 
-const SIG_LOCAL = 0x04034b50;
-const SIG_CENTRAL = 0x02014b50;
-const SIG_EOCD = 0x06054b50;
-const SIG_EOCD64 = 0x06064b50;
-const SIG_DESCRIPTOR = 0x08074b50;
 /** A local file header after its 4-byte signature. */
-const LOCAL_HEADER_REST = 26;
-const ZIP64_EXTRA_ID = 0x0001;
-const FLAG_ENCRYPTED = 0x0001;
-const FLAG_DESCRIPTOR = 0x0008;
-const SATURATED = 0xffffffff;
-/** Largest record read whole (data.pkl, byteorder, version...); a 7B state dict's pickle is about 30 KB. */
-const MAX_SMALL_RECORD = 64 << 20;
+const LOCAL_HEADER_REST = LOCAL_HEADER_SIZE - 4;
+/** Largest record read whole (data.pkl, byteorder, version...): the pickle's limit. */
+const MAX_SMALL_RECORD = MAX_PICKLE_BYTES;
 
 /** Storage bytes are copied through byte views of at most this size. */
 const COPY_PIECE = 1 << 30;
@@ -121,13 +114,18 @@ class ChunkReader {
     }
   }
 
-  async skip(n: number, what: string): Promise<void> {
+  /** Skips `n` bytes; with `crc`, returns the CRC-32 continued over them. */
+  async skip(n: number, what: string, crc?: number): Promise<number> {
     this.ensure(n, what);
+    let value = crc ?? 0;
     for (let left = n; left > 0; ) {
-      const take = Math.min((await this.peek()).length, left);
+      const chunk = await this.peek();
+      const take = Math.min(chunk.length, left);
+      if (crc !== undefined) value = crc32(chunk.subarray(0, take), value);
       this.consume(take);
       left -= take;
     }
+    return value;
   }
 
   /** Consumes the rest of the stream, which must end exactly at `size`. */
@@ -155,6 +153,8 @@ interface LocalRecord {
 
 /** One storage the pickle references, and where its bytes go. */
 interface StorageSpec {
+  /** Its key: the record is `<prefix>/data/<key>`. */
+  readonly key: string;
   readonly dtype: WeightDtype;
   readonly numel: number;
   data?: StorageArray;
@@ -187,11 +187,11 @@ class TorchZipStream {
         );
       }
       const signature = (await reader.read(4, 'a zip record signature')).readUInt32LE(0);
-      if (index === 0 && signature !== SIG_LOCAL) {
+      if (index === 0 && signature !== ZIP_SIG.local) {
         this.fail(`not a zip archive (starts with 0x${signature.toString(16).padStart(8, '0')}, not a local file header): expected a torch.save checkpoint`);
       }
-      if (signature === SIG_CENTRAL || signature === SIG_EOCD64 || signature === SIG_EOCD) break;
-      if (signature !== SIG_LOCAL) {
+      if (signature === ZIP_SIG.central || signature === ZIP_SIG.eocd64 || signature === ZIP_SIG.eocd) break;
+      if (signature !== ZIP_SIG.local) {
         this.fail(`expected a zip local file header or the central directory at byte ${offset}, found 0x${signature.toString(16).padStart(8, '0')} (corrupt file)`);
       }
       const record = await this.readLocalHeader(offset);
@@ -240,8 +240,8 @@ class TorchZipStream {
       if (value > BigInt(Number.MAX_SAFE_INTEGER)) this.fail(`record "${name}" ${what} ${value} is too large`);
       return Number(value);
     };
-    if (size === SATURATED) size = take('size');
-    if (compressedSize === SATURATED) compressedSize = take('compressed size');
+    if (size === SATURATED_32) size = take('size');
+    if (compressedSize === SATURATED_32) compressedSize = take('compressed size');
     if (compressedSize !== size) this.fail(`stored record "${name}" has compressed size ${compressedSize} != size ${size}`);
     return { name, size, crc, zip64: zip64 !== null };
   }
@@ -274,8 +274,12 @@ class TorchZipStream {
       return;
     }
     // version, .data/serialization_id, storages no tensor uses...
-    if (record.size !== null) await this.reader.skip(record.size, `record "${name}"`);
-    else await this.readSmallRecord(record);
+    if (record.size === null) {
+      await this.readSmallRecord(record);
+    } else {
+      const crc = await this.reader.skip(record.size, `record "${name}"`, 0);
+      this.checkCrc(record, record.crc, crc);
+    }
   }
 
   /** The storages the tensors use, each once, with the same dtype and size wherever named. */
@@ -283,7 +287,7 @@ class TorchZipStream {
     for (const t of tensors.values()) {
       const known = this.storages.get(t.storageKey);
       if (!known) {
-        this.storages.set(t.storageKey, { dtype: t.dtype, numel: t.storageNumel });
+        this.storages.set(t.storageKey, { key: t.storageKey, dtype: t.dtype, numel: t.storageNumel });
       } else if (known.dtype !== t.dtype || known.numel !== t.storageNumel) {
         this.fail(`storage ${t.storageKey} is described as both ${known.numel} ${known.dtype} and ${t.storageNumel} ${t.dtype} elements`);
       }
@@ -297,8 +301,27 @@ class TorchZipStream {
     this.reader.ensure(record.size, `record "${record.name}"`);
     const data = Buffer.alloc(record.size);
     await this.reader.readInto(data, `record "${record.name}"`);
-    if (crc32(data) !== record.crc) this.fail(`record "${record.name}" fails its CRC-32 check (corrupt file)`);
+    this.checkCrc(record, record.crc, crc32(data));
     return data;
+  }
+
+  /**
+   * Fails unless the CRC-32 the zip gives for `record` (`stored`) is that of its bytes (`computed`);
+   * `what` says what the record holds ("tensor "w""), worked out only for the message.
+   */
+  private checkCrc(record: LocalRecord, stored: number, computed: number, what?: () => string): void {
+    if (stored === computed) return;
+    const hex = (n: number): string => `0x${n.toString(16).padStart(8, '0')}`;
+    this.fail(
+      `record "${record.name}"${what ? ` (${what()})` : ''} fails its CRC-32 check: the zip says ${hex(stored)}, the bytes give ${hex(computed)} (corrupt file)`,
+    );
+  }
+
+  /** "tensor "a"" or "tensors "a", "b"": the tensors whose storage is `key`. */
+  private tensorsIn(key: string): string {
+    const names = [...(this.tensors ?? new Map<string, StateDictTensor>())].filter(([, t]) => t.storageKey === key).map(([name]) => `"${name}"`);
+    const shown = names.length > 3 ? [...names.slice(0, 3), `and ${names.length - 3} more`] : names;
+    return `${names.length === 1 ? 'tensor' : 'tensors'} ${shown.join(', ')}`;
   }
 
   /**
@@ -330,7 +353,7 @@ class TorchZipStream {
       chunk.copy(buf, filled, 0, take);
       const end = filled + take;
       for (let p = searchFrom; p + descriptorLength <= end; p++) {
-        if (buf.readUInt32LE(p) !== SIG_DESCRIPTOR) continue;
+        if (buf.readUInt32LE(p) !== ZIP_SIG.descriptor) continue;
         const [compressed, size] = record.zip64
           ? [Number(buf.readBigUInt64LE(p + 8)), Number(buf.readBigUInt64LE(p + 16))]
           : [buf.readUInt32LE(p + 8), buf.readUInt32LE(p + 12)];
@@ -357,33 +380,40 @@ class TorchZipStream {
 
     const data = spec.dtype === 'float32' ? new Float32Array(spec.numel) : new Uint16Array(spec.numel);
     // A Uint8Array can't span more than 4 GiB, so the bytes go in by pieces.
+    let crc = 0;
     for (let at = 0; at < data.byteLength; at += COPY_PIECE) {
-      await reader.readInto(new Uint8Array(data.buffer, at, Math.min(COPY_PIECE, data.byteLength - at)), what);
+      const piece = new Uint8Array(data.buffer, at, Math.min(COPY_PIECE, data.byteLength - at));
+      await reader.readInto(piece, what);
+      crc = crc32(piece, crc);
     }
     if (record.size !== null) {
-      await reader.skip(record.size - needBytes, what);
+      crc = await reader.skip(record.size - needBytes, what, crc);
+      this.checkCrc(record, record.crc, crc, () => this.tensorsIn(spec.key));
     } else {
-      const { compressed, size } = await this.readDescriptor(record);
-      if (compressed !== needBytes || size !== needBytes) {
+      const descriptor = await this.readDescriptor(record);
+      if (descriptor.compressed !== needBytes || descriptor.size !== needBytes) {
         this.fail(
-          `${what} is not followed by a data descriptor for the ${needBytes} bytes of the pickle's ${spec.numel} ${spec.dtype} elements (found sizes ${compressed} and ${size}): corrupt file, or not written by torch.save`,
+          `${what} is not followed by a data descriptor for the ${needBytes} bytes of the pickle's ${spec.numel} ${spec.dtype} elements (found sizes ${descriptor.compressed} and ${descriptor.size}): corrupt file, or not written by torch.save`,
         );
       }
+      this.checkCrc(record, descriptor.crc, crc, () => this.tensorsIn(spec.key));
     }
     return data;
   }
 
   /** The data descriptor after a record's data: [signature] crc32, compressed size, size. */
-  private async readDescriptor(record: LocalRecord): Promise<{ compressed: number; size: number }> {
+  private async readDescriptor(record: LocalRecord): Promise<{ crc: number; compressed: number; size: number }> {
     const what = `data descriptor of record "${record.name}"`;
-    const first = (await this.reader.read(4, what)).readUInt32LE(0);
-    if (first === SIG_DESCRIPTOR) await this.reader.read(4, what); // the CRC-32, not checked for storages
+    // The signature is optional: without it, the first four bytes are the CRC-32. (A CRC-32 that
+    // happens to equal the signature is read as the signature; torch's writer always writes one.)
+    let crc = (await this.reader.read(4, what)).readUInt32LE(0);
+    if (crc === ZIP_SIG.descriptor) crc = (await this.reader.read(4, what)).readUInt32LE(0);
     if (!record.zip64) {
       const sizes = await this.reader.read(8, what);
-      return { compressed: sizes.readUInt32LE(0), size: sizes.readUInt32LE(4) };
+      return { crc, compressed: sizes.readUInt32LE(0), size: sizes.readUInt32LE(4) };
     }
     const sizes = await this.reader.read(16, what);
-    return { compressed: Number(sizes.readBigUInt64LE(0)), size: Number(sizes.readBigUInt64LE(8)) };
+    return { crc, compressed: Number(sizes.readBigUInt64LE(0)), size: Number(sizes.readBigUInt64LE(8)) };
   }
 
   private finish(): WeightReader {

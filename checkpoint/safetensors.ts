@@ -11,7 +11,8 @@
 import * as fs from 'fs';
 import * as os from 'os';
 import { toFloat32 } from './dtypes';
-import { CheckpointError } from './errors';
+import { CheckpointError, showValue } from './errors';
+import { openRegularFile } from './files';
 import { BYTES_PER_ELEMENT, type RawTensor, type WeightDtype, type WeightInfo, type WeightReader } from './types';
 
 /** The largest header accepted; the reference implementation uses the same limit. */
@@ -144,14 +145,14 @@ class Safetensors implements SafetensorsFile {
       }
       const { dtype: stDtype, shape, data_offsets: offsets } = entry;
       if (!shape.every(isCount)) {
-        throw new CheckpointError(this.path, `${where} has shape ${JSON.stringify(shape)}: dims must be non-negative integers`);
+        throw new CheckpointError(this.path, `${where} has shape ${showValue(shape)}: dims must be non-negative integers`);
       }
       const numel = (shape as number[]).reduce((a, b) => a * b, 1);
-      if (!Number.isSafeInteger(numel)) throw new CheckpointError(this.path, `${where} has shape ${JSON.stringify(shape)}, too large`);
+      if (!Number.isSafeInteger(numel)) throw new CheckpointError(this.path, `${where} has shape ${showValue(shape)}, too large`);
       if (offsets.length !== 2 || !offsets.every(isCount) || offsets[0] > offsets[1]) {
         throw new CheckpointError(
           this.path,
-          `${where} has data_offsets ${JSON.stringify(offsets)}: expected [begin, end], integers with 0 <= begin <= end`,
+          `${where} has data_offsets ${showValue(offsets)}: expected [begin, end], integers with 0 <= begin <= end`,
         );
       }
       const dtype = READABLE[stDtype];
@@ -194,13 +195,7 @@ class Safetensors implements SafetensorsFile {
 
 /** Opens a .safetensors file, reading and checking only its header. Throws CheckpointError on anything unexpected. */
 export function openSafetensors(path: string): SafetensorsFile {
-  let fd: number;
-  try {
-    fd = fs.openSync(path, 'r');
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    throw new CheckpointError(path, `cannot open (${code === 'ENOENT' ? 'no such file' : code ?? String(err)})`);
-  }
+  const { fd } = openRegularFile(path, 'a .safetensors file');
   try {
     return new Safetensors(path, fd);
   } catch (err) {

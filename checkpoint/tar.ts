@@ -11,6 +11,7 @@
 import * as fs from 'fs';
 import { extract as tarExtract, type Header } from 'tar-stream';
 import { CheckpointError } from './errors';
+import { openRegularFile } from './files';
 import { readPthStream } from './pth_stream';
 import type { WeightReader } from './types';
 
@@ -107,6 +108,10 @@ async function readMembers(entries: AsyncIterable<TarEntry>, tarPath: string, fi
     const size = header.size ?? 0;
     at.member = header.name;
     members++;
+    // A pax header's size= overrides the header's: any text, so check it is a byte count.
+    if (!Number.isSafeInteger(size) || size < 0) {
+      throw new CheckpointError(tarPath, `member "${header.name}" has size ${String(size)}, not a byte count (corrupt pax header?)`);
+    }
     // tar-stream knows where the member's data starts: a size running past the file is caught now.
     if (typeof header.byteOffset === 'number' && header.byteOffset + size > fileSize) {
       throw new CheckpointError(
@@ -180,17 +185,8 @@ function asCheckpointError(err: unknown, tarPath: string, at: Position): Checkpo
  * the file is closed on every path.
  */
 export async function openTar(path: string, opts: OpenTarOptions = {}): Promise<TarCheckpoint> {
-  let fileSize: number;
-  try {
-    const stat = await fs.promises.stat(path);
-    if (!stat.isFile()) throw new CheckpointError(path, 'is not a file (expected a .tar)');
-    fileSize = stat.size;
-  } catch (err) {
-    if (err instanceof CheckpointError) throw err;
-    throw new CheckpointError(path, `cannot open: ${(err as Error).message}`);
-  }
-
-  const source = fs.createReadStream(path, { highWaterMark: READ_CHUNK });
+  const { fd, size: fileSize } = openRegularFile(path, 'a .tar');
+  const source = fs.createReadStream(path, { fd, highWaterMark: READ_CHUNK });
   const extract = tarExtract();
   // Listen for entries before any can arrive.
   const iterator = extract[Symbol.asyncIterator]();

@@ -4,11 +4,26 @@
  * It reads only the end-of-central-directory records (zip64 included) and
  * the central directory up front, through positioned reads on a file
  * descriptor, so it works on checkpoints far larger than a Node Buffer can
- * hold. Entry bytes are read on demand at their offsets. torch stores every
- * record uncompressed ("stored", method 0); any other method is an error.
+ * hold. Entry bytes are read on demand at their offsets, and each record's
+ * CRC-32 is checked the first time any of it is read (verify). torch stores
+ * every record uncompressed ("stored", method 0); any other method is an error.
  */
 import * as fs from 'fs';
+import { crc32 } from './crc32';
 import { CheckpointError } from './errors';
+import { openRegularFile } from './files';
+import {
+  CENTRAL_HEADER_SIZE,
+  EOCD64_LOCATOR_SIZE,
+  EOCD64_MIN_SIZE,
+  EOCD_SIZE,
+  FLAG_ENCRYPTED,
+  LOCAL_HEADER_SIZE,
+  MAX_COMMENT,
+  SATURATED_32,
+  ZIP64_EXTRA_ID,
+  ZIP_SIG,
+} from './zip_format';
 
 /** One file inside the archive, as described by its central directory entry. */
 export interface ZipEntry {
@@ -20,37 +35,15 @@ export interface ZipEntry {
   readonly localHeaderOffset: number;
 }
 
-const SIG_LOCAL = 0x04034b50;
-const SIG_CENTRAL = 0x02014b50;
-const SIG_EOCD = 0x06054b50;
-const SIG_EOCD64 = 0x06064b50;
-const SIG_EOCD64_LOCATOR = 0x07064b50;
-const EOCD_SIZE = 22;
-const EOCD64_LOCATOR_SIZE = 20;
-const EOCD64_MIN_SIZE = 56;
-const CENTRAL_HEADER_SIZE = 46;
-const LOCAL_HEADER_SIZE = 30;
-const MAX_COMMENT = 0xffff;
-const ZIP64_EXTRA_ID = 0x0001;
+/**
+ * The largest central directory read: about 100 bytes a record, so some 600,000 records (torch
+ * writes one per storage: 7B has 291).
+ */
+const MAX_CENTRAL_DIRECTORY = 64 << 20;
+/** The rest of a record that a tensor does not cover is read in pieces this large to check the CRC. */
+const CRC_PIECE = 16 << 20;
 /** fs.readSync reads at most about 2 GiB per call; stay well below that. */
 const READ_CHUNK = 1 << 30;
-
-let crcTable: Uint32Array | null = null;
-
-/** CRC-32 (the zip / zlib polynomial), as zip records store it. (zlib.crc32 needs Node >= 20.15.) */
-export function crc32(data: Uint8Array): number {
-  if (!crcTable) {
-    crcTable = new Uint32Array(256);
-    for (let n = 0; n < 256; n++) {
-      let c = n;
-      for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
-      crcTable[n] = c >>> 0;
-    }
-  }
-  let crc = 0xffffffff;
-  for (let i = 0; i < data.length; i++) crc = crcTable[(crc ^ data[i]) & 0xff] ^ (crc >>> 8);
-  return (crc ^ 0xffffffff) >>> 0;
-}
 
 /** Reads a little-endian unsigned 64-bit value, which must fit in a JS number. */
 function readU64(buf: Buffer, at: number, file: string, what: string): number {
@@ -71,6 +64,8 @@ export class ZipReader {
   /** Byte offset where the central directory starts: entry data must end before it. */
   private readonly centralDirOffset: number;
   private readonly dataOffsets = new Map<string, number>();
+  /** Records whose CRC-32 has been checked. */
+  private readonly verified = new Set<string>();
 
   private constructor(path: string, fd: number, fileSize: number) {
     this.path = path;
@@ -83,16 +78,9 @@ export class ZipReader {
 
   /** Opens `path` and reads its central directory; throws CheckpointError if it is not a usable zip. */
   static open(path: string): ZipReader {
-    let fd: number;
+    const { fd, size } = openRegularFile(path, 'a torch.save checkpoint file');
     try {
-      fd = fs.openSync(path, 'r');
-    } catch (err) {
-      throw new CheckpointError(path, `cannot open: ${(err as Error).message}`);
-    }
-    try {
-      const stat = fs.fstatSync(fd);
-      if (stat.isDirectory()) throw new CheckpointError(path, 'is a folder, expected a torch.save checkpoint file');
-      return new ZipReader(path, fd, stat.size);
+      return new ZipReader(path, fd, size);
     } catch (err) {
       fs.closeSync(fd);
       throw err;
@@ -124,14 +112,47 @@ export class ZipReader {
     this.readAt(this.dataOffset(entry) + start, target, `record "${entry.name}"`);
   }
 
-  /** Reads a whole (small) entry, checking its CRC-32. */
-  readAll(entry: ZipEntry): Buffer {
+  /** Reads a whole (small) entry of at most `limit` bytes, checking its CRC-32. */
+  readAll(entry: ZipEntry, limit: number): Buffer {
+    if (entry.size > limit) {
+      throw new CheckpointError(this.path, `record "${entry.name}" is ${entry.size} bytes, more than the ${limit} expected`);
+    }
     const buf = Buffer.alloc(entry.size);
     this.readInto(entry, 0, buf);
-    if (crc32(buf) !== entry.crc32) {
-      throw new CheckpointError(this.path, `record "${entry.name}" fails its CRC-32 check (corrupt file)`);
-    }
+    this.verify(entry, 0, buf);
     return buf;
+  }
+
+  /**
+   * Checks the CRC-32 of `entry`, of which `bytes` (just read by readInto) start `start` bytes in;
+   * the rest of the record, if any, is read for it. Each record is checked once: later calls for it
+   * return at once. `what` names what was being read, for the message ("tensor "w"").
+   */
+  verify(entry: ZipEntry, start: number, bytes: Uint8Array, what?: string): void {
+    if (this.verified.has(entry.name)) return;
+    let crc = this.crcOfRange(entry, 0, start, 0);
+    crc = crc32(bytes, crc);
+    crc = this.crcOfRange(entry, start + bytes.length, entry.size, crc);
+    if (crc !== entry.crc32) {
+      const hex = (n: number): string => `0x${n.toString(16).padStart(8, '0')}`;
+      throw new CheckpointError(
+        this.path,
+        `record "${entry.name}"${what ? ` (${what})` : ''} fails its CRC-32 check: the central directory says ${hex(entry.crc32)}, the bytes give ${hex(crc)} (corrupt file)`,
+      );
+    }
+    this.verified.add(entry.name);
+  }
+
+  /** The CRC-32 of bytes [from, to) of `entry`, continuing `crc`, read in pieces. */
+  private crcOfRange(entry: ZipEntry, from: number, to: number, crc: number): number {
+    if (from >= to) return crc;
+    const piece = Buffer.alloc(Math.min(CRC_PIECE, to - from));
+    for (let at = from; at < to; at += piece.length) {
+      const part = piece.subarray(0, Math.min(piece.length, to - at));
+      this.readInto(entry, at, part);
+      crc = crc32(part, crc);
+    }
+    return crc;
   }
 
   /** Absolute file offset of the entry's first data byte (parses its local header once). */
@@ -140,7 +161,7 @@ export class ZipReader {
     if (cached !== undefined) return cached;
     const header = Buffer.alloc(LOCAL_HEADER_SIZE);
     this.readAt(entry.localHeaderOffset, header, `local header of "${entry.name}"`);
-    if (header.readUInt32LE(0) !== SIG_LOCAL) {
+    if (header.readUInt32LE(0) !== ZIP_SIG.local) {
       throw new CheckpointError(this.path, `record "${entry.name}" has no local file header at offset ${entry.localHeaderOffset}`);
     }
     const nameLength = header.readUInt16LE(26);
@@ -191,7 +212,7 @@ export class ZipReader {
     let eocd = -1;
     for (let i = tailLength - EOCD_SIZE; i >= 0; i--) {
       // The signature must be followed by a comment that reaches exactly to the end of the file.
-      if (tail.readUInt32LE(i) === SIG_EOCD && i + EOCD_SIZE + tail.readUInt16LE(i + 20) === tailLength) {
+      if (tail.readUInt32LE(i) === ZIP_SIG.eocd && i + EOCD_SIZE + tail.readUInt16LE(i + 20) === tailLength) {
         eocd = i;
         break;
       }
@@ -209,21 +230,21 @@ export class ZipReader {
     const locatorPosition = eocdPosition - EOCD64_LOCATOR_SIZE;
     const locator = Buffer.alloc(EOCD64_LOCATOR_SIZE);
     if (locatorPosition >= 0) this.readAt(locatorPosition, locator, 'zip64 locator');
-    if (locatorPosition >= 0 && locator.readUInt32LE(0) === SIG_EOCD64_LOCATOR) {
+    if (locatorPosition >= 0 && locator.readUInt32LE(0) === ZIP_SIG.eocd64Locator) {
       const eocd64Position = readU64(locator, 8, this.path, 'zip64 end-of-central-directory offset');
       if (eocd64Position + EOCD64_MIN_SIZE > locatorPosition) {
         throw new CheckpointError(this.path, `zip64 end-of-central-directory offset ${eocd64Position} is outside the file`);
       }
       const record = Buffer.alloc(EOCD64_MIN_SIZE);
       this.readAt(eocd64Position, record, 'zip64 end-of-central-directory record');
-      if (record.readUInt32LE(0) !== SIG_EOCD64) {
+      if (record.readUInt32LE(0) !== ZIP_SIG.eocd64) {
         throw new CheckpointError(this.path, `no zip64 end-of-central-directory record at offset ${eocd64Position}`);
       }
       count = readU64(record, 32, this.path, 'entry count');
       cdSize = readU64(record, 40, this.path, 'central directory size');
       cdOffset = readU64(record, 48, this.path, 'central directory offset');
       cdLimit = eocd64Position;
-    } else if (count === 0xffff || cdSize === 0xffffffff || cdOffset === 0xffffffff) {
+    } else if (count === 0xffff || cdSize === SATURATED_32 || cdOffset === SATURATED_32) {
       throw new CheckpointError(this.path, 'zip64 archive without a zip64 end-of-central-directory locator (truncated?)');
     }
     if (cdOffset + cdSize > cdLimit) {
@@ -236,12 +257,18 @@ export class ZipReader {
   }
 
   private readCentralDirectory(cdOffset: number, cdSize: number, count: number): Map<string, ZipEntry> {
+    if (cdSize > MAX_CENTRAL_DIRECTORY) {
+      throw new CheckpointError(this.path, `central directory of ${cdSize} bytes is larger than the ${MAX_CENTRAL_DIRECTORY} accepted (corrupt file?)`);
+    }
+    if (count * CENTRAL_HEADER_SIZE > cdSize) {
+      throw new CheckpointError(this.path, `zip says it has ${count} records, more than its central directory of ${cdSize} bytes can describe (corrupt file)`);
+    }
     const cd = Buffer.alloc(cdSize);
     this.readAt(cdOffset, cd, 'central directory');
     const entries = new Map<string, ZipEntry>();
     let at = 0;
     for (let index = 0; index < count; index++) {
-      if (at + CENTRAL_HEADER_SIZE > cdSize || cd.readUInt32LE(at) !== SIG_CENTRAL) {
+      if (at + CENTRAL_HEADER_SIZE > cdSize || cd.readUInt32LE(at) !== ZIP_SIG.central) {
         throw new CheckpointError(this.path, `central directory entry ${index} of ${count} is missing or corrupt`);
       }
       const flags = cd.readUInt16LE(at + 8);
@@ -276,14 +303,14 @@ export class ZipReader {
             field += 8;
             return v;
           };
-          if (size === 0xffffffff) size = take('size');
-          if (compressedSize === 0xffffffff) compressedSize = take('compressed size');
-          if (localHeaderOffset === 0xffffffff) localHeaderOffset = take('header offset');
+          if (size === SATURATED_32) size = take('size');
+          if (compressedSize === SATURATED_32) compressedSize = take('compressed size');
+          if (localHeaderOffset === SATURATED_32) localHeaderOffset = take('header offset');
         }
         extra += 4 + length;
       }
 
-      if (flags & 0x1) throw new CheckpointError(this.path, `record "${name}" is encrypted`);
+      if (flags & FLAG_ENCRYPTED) throw new CheckpointError(this.path, `record "${name}" is encrypted`);
       if (method !== 0) {
         throw new CheckpointError(this.path, `record "${name}" uses compression method ${method}; only stored (0) records are supported`);
       }

@@ -1,4 +1,8 @@
-/** Loading a model for a command: the backend, a progress bar, low-memory mode, timings on stderr. */
+/**
+ * Loading a model for a command: the backend, a progress bar, low-memory mode, timings on stderr,
+ * and a warning when the weights hold NaN or Inf.
+ */
+import { type NonFiniteWeights, reportNonFiniteWeights } from '../checkpoint';
 import { loadModel, type LoadOptions, type Tokenizer, type Transformer } from '../one_file_ref';
 import { initBackend } from '../runtime/backend';
 import { createProgress } from '../runtime/progress';
@@ -34,7 +38,27 @@ export async function loadForCommand(
   maxBatchSize: number,
 ): Promise<{ tokenizer: Tokenizer; transformer: Transformer }> {
   await initBackend(flags.backend, { quiet: flags.quiet });
-  return loadModel(model, loadOptions(flags, maxBatchSize));
+  const findings: NonFiniteWeights[] = [];
+  const loaded = await reportNonFiniteWeights(
+    (finding) => findings.push(finding),
+    () => loadModel(model, loadOptions(flags, maxBatchSize)),
+  );
+  // Even with --quiet: the model's output will be garbage, and this says why.
+  const warning = nonFiniteWarning(findings);
+  if (warning) process.stderr.write(`${warning}\n`);
+  return loaded;
+}
+
+/**
+ * One line for weights holding NaN or Inf, naming the first tensor that does (and how many others),
+ * or null when there are none.
+ */
+export function nonFiniteWarning(findings: readonly NonFiniteWeights[]): string | null {
+  if (findings.length === 0) return null;
+  const [first] = findings;
+  const counts = [first.nan ? `${first.nan} NaN` : '', first.inf ? `${first.inf} Inf` : ''].filter(Boolean).join(' and ');
+  const others = findings.length > 1 ? `; ${findings.length - 1} more tensor${findings.length > 2 ? 's' : ''} too` : '';
+  return `warning: ${first.file}: tensor "${first.tensor}" holds ${counts} among its ${first.numel} values${others} (corrupt weights: the output will be meaningless)`;
 }
 
 /** "35 steps in 12.3 s: 0.35 s/step, batch of 3" on stderr, unless quiet. */

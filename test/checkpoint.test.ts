@@ -9,8 +9,9 @@ import * as os from 'os';
 import * as path from 'path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { openPth } from '../checkpoint/pth';
-import { crc32 } from '../checkpoint/zip';
+import { crc32 } from '../checkpoint/crc32';
 import { expectCheckpointError } from './checkpoint_errors';
+import { f32Bytes, op, type PickledTensor, pGlobal, pStr, stateDictPickle, writeZip } from './torch_zip';
 
 const FIXTURES = path.join(__dirname, '..', 'fixtures', 'pth');
 const fixture = (name: string): string => path.join(FIXTURES, name);
@@ -31,105 +32,6 @@ const tmpFile = (name: string, bytes: Uint8Array): string => {
   fs.writeFileSync(p, bytes);
   return p;
 };
-
-// ---------------------------------------------------------------------------
-// A minimal torch-style pickle writer and zip writer, independent of checkpoint/.
-
-const op = (s: string): Buffer => Buffer.from(s, 'latin1');
-const u16 = (n: number): Buffer => {
-  const b = Buffer.alloc(2);
-  b.writeUInt16LE(n);
-  return b;
-};
-const u32 = (n: number): Buffer => {
-  const b = Buffer.alloc(4);
-  b.writeUInt32LE(n);
-  return b;
-};
-const u64 = (n: number): Buffer => {
-  const b = Buffer.alloc(8);
-  b.writeBigUInt64LE(BigInt(n));
-  return b;
-};
-const pStr = (s: string): Buffer => Buffer.concat([op('X'), u32(Buffer.byteLength(s)), Buffer.from(s, 'utf8')]);
-const pInt = (n: number): Buffer =>
-  n < 256 ? Buffer.from([0x4b, n]) : n < 65536 ? Buffer.concat([op('M'), u16(n)]) : Buffer.concat([op('J'), u32(n)]);
-const pGlobal = (module: string, name: string): Buffer => op(`c${module}\n${name}\n`);
-
-interface PickledTensor {
-  name: string;
-  storageType: string;
-  key: string;
-  storageNumel: number;
-  offset: number;
-  shape: number[];
-  stride: number[];
-}
-
-/** The pickle torch.save writes for {name: tensor, ...} (without memo opcodes). */
-function stateDictPickle(tensors: PickledTensor[], rebuild = pGlobal('torch._utils', '_rebuild_tensor_v2')): Buffer {
-  const parts = [Buffer.from([0x80, 2]), op('}(')];
-  for (const t of tensors) {
-    parts.push(pStr(t.name), rebuild, op('(('), pStr('storage'), pGlobal('torch', t.storageType), pStr(t.key), pStr('cpu'));
-    parts.push(pInt(t.storageNumel), op('tQ'), pInt(t.offset));
-    parts.push(op('('), ...t.shape.map(pInt), op('t('), ...t.stride.map(pInt), op('t'));
-    parts.push(Buffer.from([0x89]), pGlobal('collections', 'OrderedDict'), op(')RtR'));
-  }
-  parts.push(op('u.'));
-  return Buffer.concat(parts);
-}
-
-interface ZipRecord {
-  name: string;
-  /** Record contents; or omit and give holeSize for a record of zeros left as a sparse hole. */
-  data?: Uint8Array;
-  holeSize?: number;
-}
-
-/** Writes a "stored" zip; zip64 puts every size / offset in zip64 extra fields and adds the zip64 end records. */
-function writeZip(file: string, records: ZipRecord[], zip64: boolean): void {
-  const fd = fs.openSync(file, 'w');
-  let pos = 0;
-  const write = (b: Buffer): void => {
-    fs.writeSync(fd, b, 0, b.length, pos);
-    pos += b.length;
-  };
-  const central: Buffer[] = [];
-  for (const r of records) {
-    const name = Buffer.from(r.name, 'utf8');
-    const size = r.data ? r.data.length : (r.holeSize as number);
-    const crc = r.data ? crc32(r.data) : 0; // crc32 is itself checked on torch's files above
-    const offset = pos;
-    const big = zip64 ? 0xffffffff : size;
-    const localExtra = zip64 ? Buffer.concat([u16(1), u16(16), u64(size), u64(size)]) : Buffer.alloc(0);
-    write(Buffer.concat([u32(0x04034b50), u16(45), u16(0x0800), u16(0), u16(0), u16(0x21), u32(crc), u32(big), u32(big)]));
-    write(Buffer.concat([u16(name.length), u16(localExtra.length), name, localExtra]));
-    if (r.data) write(Buffer.from(r.data));
-    else pos += size;
-    const centralExtra = zip64 ? Buffer.concat([u16(1), u16(24), u64(size), u64(size), u64(offset)]) : Buffer.alloc(0);
-    central.push(
-      Buffer.concat([u32(0x02014b50), u16(45), u16(45), u16(0x0800), u16(0), u16(0), u16(0x21), u32(crc), u32(big), u32(big)]),
-      Buffer.concat([u16(name.length), u16(centralExtra.length), u16(0), u16(0), u16(0), u32(0), u32(zip64 ? 0xffffffff : offset)]),
-      name,
-      centralExtra,
-    );
-  }
-  const cdOffset = pos;
-  const cd = Buffer.concat(central);
-  write(cd);
-  const n = records.length;
-  if (zip64) {
-    const eocd64 = pos;
-    write(Buffer.concat([u32(0x06064b50), u64(44), u16(45), u16(45), u32(0), u32(0), u64(n), u64(n), u64(cd.length), u64(cdOffset)]));
-    write(Buffer.concat([u32(0x07064b50), u32(0), u64(eocd64), u32(1)]));
-    write(Buffer.concat([u32(0x06054b50), u16(0xffff), u16(0xffff), u16(0xffff), u16(0xffff), u32(0xffffffff), u32(0xffffffff), u16(0)]));
-  } else {
-    write(Buffer.concat([u32(0x06054b50), u16(0), u16(0), u16(n), u16(n), u32(cd.length), u32(cdOffset), u16(0)]));
-  }
-  fs.closeSync(fd);
-}
-
-const f32Bytes = (values: number[]): Uint8Array => new Uint8Array(new Float32Array(values).buffer);
 
 /** A one-tensor float32 checkpoint {w: storage[offset : offset+numel] viewed as shape}. */
 function oneTensorCheckpoint(name: string, t: Partial<PickledTensor> & { storage: number[] }, zip64 = false): string {

@@ -554,9 +554,58 @@ describe('openModel on what is not a model', () => {
     expect(await expectError(() => openModel(b), b, LISTS)).toMatch(/this folder has config.json\)$/);
   });
 
-  it('a file that is not a tar (a .pth given directly)', async () => {
-    const file = path.join(TINY, 'consolidated.00.pth');
+  it('a file of a model folder given instead of the folder: "pass the folder that holds this file"', async () => {
+    const tiny = path.resolve(TINY);
+    const pass = (folder: string): RegExp => new RegExp(`not a model: pass the folder that holds this file \\(${folder.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')}\\)$`);
+    const pth = path.join(TINY, 'consolidated.00.pth');
+    expect(await expectError(() => openModel(pth), pth, pass(tiny))).toMatch(/is a torch\.save checkpoint inside a model folder/);
+    const st = path.join(FORMATS, 'tiny-hf', 'model.safetensors');
+    expect(await expectError(() => openModel(st), st, pass(path.resolve(FORMATS, 'tiny-hf')))).toMatch(/is a safetensors file inside/);
+    for (const name of ['params.json', 'tokenizer.model']) {
+      const file = path.join(TINY, name);
+      expect(await expectError(() => openModel(file), file, pass(tiny))).toMatch(new RegExp(`is the model's ${name.replace('.', '\\.')} inside`));
+    }
+    // Any other file beside a model's files, given by a relative path: the folder is named in full.
+    const dir = tmpFolder(TINY, ['params.json', 'consolidated.00.pth', 'tokenizer.model']);
+    fs.writeFileSync(path.join(dir, 'README.md'), '# a model\n');
+    const relative = path.relative(process.cwd(), path.join(dir, 'README.md'));
+    expect(await expectError(() => openModel(relative), relative, pass(dir))).toMatch(/is a file inside a model folder/);
+  });
+
+  it('a file that is none of these, alone in its folder: the message lists what a model is', async () => {
+    const dir = tmpFolder();
+    const file = path.join(dir, 'notes.txt');
+    fs.writeFileSync(file, 'hello');
     await expectError(() => openModel(file), file, LISTS);
+  });
+
+  it('a GGUF file: "GGUF is not supported yet", whatever its name', async () => {
+    const dir = tmpFolder();
+    // GGUF's header: magic "GGUF", version 3, tensor count 0, metadata count 0.
+    const gguf = Buffer.concat([Buffer.from('GGUF', 'latin1'), Buffer.from([3, 0, 0, 0]), Buffer.alloc(16)]);
+    for (const name of ['mistral-7b-v0.1.Q4_K_M.gguf', 'model.bin']) {
+      const file = path.join(dir, name);
+      fs.writeFileSync(file, gguf);
+      await expectError(() => openModel(file), file, /is a GGUF file \(llama\.cpp's format\): GGUF is not supported yet; pass the original model folder/);
+    }
+  });
+
+  it('a Hugging Face folder without config.json: "missing config.json", naming its path', async () => {
+    for (const [from, files, shown] of [
+      [path.join(FORMATS, 'tiny-hf'), ['model.safetensors', 'tokenizer.model'], 'model.safetensors'],
+      [path.join(FORMATS, 'tiny-hf-bin'), ['pytorch_model.bin', 'tokenizer.model'], 'pytorch_model.bin'],
+      [path.join(FORMATS, 'tiny-hf-sharded'), ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors', 'model.safetensors.index.json'], 'model.safetensors.index.json, model-00001-of-00002.safetensors...'],
+      [path.join(FORMATS, 'tiny-hf-sharded'), ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors'], 'model-00001-of-00002.safetensors, model-00002-of-00002.safetensors'],
+    ] as const) {
+      const dir = tmpFolder(from, [...files]);
+      const message = await expectError(() => openModel(dir), path.join(dir, 'config.json'), /missing config\.json: the folder looks like a Hugging Face model/);
+      expect(message).toContain(`(it has ${shown})`);
+    }
+  });
+
+  it('HF shards with config.json but without their index: names the index', async () => {
+    const dir = tmpFolder(path.join(FORMATS, 'tiny-hf-sharded'), ['config.json', 'tokenizer.model', 'model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors']);
+    await expectError(() => openModel(dir), path.join(dir, 'model.safetensors.index.json'), /missing: the folder has shards \(model-00001-of-00002\.safetensors\.\.\.\) but not the index/);
   });
 
   it('a path that does not exist', async () => {

@@ -12,7 +12,8 @@
  *  - isControl/isUnknown/isUnused/isByte give each piece's type, read from the file like the ids;
  *    piece(id) gives its string (Python's sp.id_to_piece), also from the file.
  */
-import { promises as fs } from 'fs';
+import { constants as fsConstants, promises as fs, type Stats } from 'fs';
+import type { FileHandle } from 'fs/promises';
 import { tmpdir } from 'os';
 import { join } from 'path';
 import { SentencePieceProcessor as WasmProcessor } from '@agnai/sentencepiece-js';
@@ -44,17 +45,13 @@ export class SentencePieceProcessor {
     return this.pieceTypes.length;
   }
 
-  /** Loads a SentencePiece .model file; throws a TokenizerError naming `path` when it is missing or not a valid model. */
+  /**
+   * Loads a SentencePiece .model file; throws a TokenizerError naming `path` when it is missing, not
+   * a regular file (a FIFO or /dev/zero would block or never end), over MAX_MODEL_BYTES, or not a
+   * valid model.
+   */
   static async load(path: string): Promise<SentencePieceProcessor> {
-    let bytes: Uint8Array;
-    try {
-      bytes = await fs.readFile(path);
-    } catch (err) {
-      const code = (err as NodeJS.ErrnoException).code;
-      if (code === 'ENOENT') throw new TokenizerError(`tokenizer model file not found: ${path}`);
-      throw new TokenizerError(`cannot read tokenizer model file ${path}: ${code ?? String(err)}`);
-    }
-    return SentencePieceProcessor.fromBytes(bytes, path, path);
+    return SentencePieceProcessor.fromBytes(await readModelFile(path), path, path);
   }
 
   /**
@@ -64,6 +61,7 @@ export class SentencePieceProcessor {
    */
   static async loadBytes(bytes: Uint8Array, name: string): Promise<SentencePieceProcessor> {
     if (!(bytes instanceof Uint8Array)) throw new TokenizerError(`${name}: expected the model's bytes as a Uint8Array`);
+    if (bytes.length > MAX_MODEL_BYTES) throw new TokenizerError(`${name}: is ${bytes.length} bytes, more than the ${MAX_MODEL_BYTES} a tokenizer model may have`);
     parseModelProto(bytes, name); // reject bad bytes before writing anything
     const dir = await fs.mkdtemp(join(tmpdir(), 'sentencepiece-'));
     try {
@@ -198,6 +196,67 @@ export class SentencePieceProcessor {
       }
     }
     return this.sp.decodeIds([...ids]);
+  }
+}
+
+/**
+ * The largest tokenizer model read: Mistral's is 493 KB, the largest SentencePiece vocabularies
+ * (256k pieces) about 4 MB.
+ */
+export const MAX_MODEL_BYTES = 64 << 20;
+
+/** Opening with O_NONBLOCK: a FIFO swapped in after the stat does not block the open. */
+const OPEN_FLAGS = fsConstants.O_RDONLY | (fsConstants.O_NONBLOCK ?? 0);
+
+/** What kind of non-regular file `stat` is, for messages. */
+function kindOf(stat: Stats): string {
+  if (stat.isDirectory()) return 'a folder';
+  if (stat.isFIFO()) return 'a FIFO (named pipe)';
+  if (stat.isCharacterDevice()) return 'a character device';
+  if (stat.isBlockDevice()) return 'a block device';
+  if (stat.isSocket()) return 'a socket';
+  return 'a special file';
+}
+
+/** The bytes of the tokenizer model file at `path`: a regular file of at most MAX_MODEL_BYTES. */
+async function readModelFile(path: string): Promise<Uint8Array> {
+  const expected = 'expected a SentencePiece tokenizer model file (a regular file)';
+  const failure = (err: unknown): TokenizerError => {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT') return new TokenizerError(`tokenizer model file not found: ${path}`);
+    return new TokenizerError(`cannot read tokenizer model file ${path}: ${code ?? String(err)}`);
+  };
+  let stat: Stats;
+  try {
+    stat = await fs.stat(path);
+  } catch (err) {
+    throw failure(err);
+  }
+  if (!stat.isFile()) throw new TokenizerError(`${path}: is ${kindOf(stat)}, ${expected}`);
+  let handle: FileHandle;
+  try {
+    handle = await fs.open(path, OPEN_FLAGS);
+  } catch (err) {
+    throw failure(err);
+  }
+  try {
+    const opened = await handle.stat();
+    if (!opened.isFile()) throw new TokenizerError(`${path}: is ${kindOf(opened)}, ${expected}`);
+    if (opened.size > MAX_MODEL_BYTES) {
+      throw new TokenizerError(`${path}: is ${opened.size} bytes, more than the ${MAX_MODEL_BYTES} a tokenizer model may have`);
+    }
+    const bytes = new Uint8Array(opened.size);
+    for (let done = 0; done < bytes.length; ) {
+      const { bytesRead } = await handle.read(bytes, done, bytes.length - done, done);
+      if (bytesRead === 0) throw new TokenizerError(`${path}: ended after ${done} of its ${bytes.length} bytes (the file shrank while being read)`);
+      done += bytesRead;
+    }
+    return bytes;
+  } catch (err) {
+    if (err instanceof TokenizerError) throw err;
+    throw failure(err);
+  } finally {
+    await handle.close();
   }
 }
 

@@ -9,6 +9,8 @@
  *
  * Errors are one line on stderr and exit code 1; `--verbose` adds the stack trace.
  */
+import * as fs from 'fs';
+import * as path from 'path';
 import { COMMON_HELP, UsageError } from './args';
 import { GENERATE_HELP, generateCommand } from './generate';
 import { INTERACTIVE_HELP, interactiveCommand } from './interactive';
@@ -34,8 +36,18 @@ const COMMANDS: Record<string, (argv: string[]) => Promise<void>> = {
   serve: serveCommand,
 };
 
+/** This package's version, from its package.json. */
+export function packageVersion(): string {
+  const pkg = JSON.parse(fs.readFileSync(path.join(__dirname, '..', 'package.json'), 'utf8')) as { name: string; version: string };
+  return `${pkg.name} ${pkg.version}`;
+}
+
 export async function run(argv: string[]): Promise<void> {
   if (argv.length === 0) throw new UsageError('missing MODEL (a model folder or .tar); see --help');
+  if (argv.includes('--version')) {
+    process.stdout.write(`${packageVersion()}\n`);
+    return;
+  }
   if (argv.includes('--help') || argv.includes('-h')) {
     if (argv[0] in COMMANDS && argv[0] !== 'logits') return COMMANDS[argv[0]](argv.slice(1));
     process.stdout.write(HELP);

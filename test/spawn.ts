@@ -44,8 +44,8 @@ export function run(command: string, args: string[], opts: RunOptions = {}): Pro
     });
     let stdout = '';
     let stderr = '';
-    child.stdout.setEncoding('utf8').on('data', (s: string) => (stdout += s));
-    child.stderr.setEncoding('utf8').on('data', (s: string) => (stderr += s));
+    child.stdout!.setEncoding('utf8').on('data', (s: string) => (stdout += s));
+    child.stderr!.setEncoding('utf8').on('data', (s: string) => (stderr += s));
     child.on('error', reject);
     if (opts.input !== undefined && child.stdin) {
       child.stdin.on('error', () => undefined); // the command may exit before reading it all

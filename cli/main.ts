@@ -15,6 +15,7 @@ import { COMMON_HELP, UsageError } from './args';
 import { GENERATE_HELP, generateCommand } from './generate';
 import { INTERACTIVE_HELP, interactiveCommand } from './interactive';
 import { LOGITS_HELP, logitsCommand } from './logits';
+import { MAX_TOKENS_MEANINGS } from './max_tokens';
 import { REFERENCE_HELP, referenceCommand } from './reference';
 import { SERVE_HELP, serveCommand } from './serve';
 import { detokenizeCommand, TOKENIZE_HELP, tokenizeCommand } from './tokenize';
@@ -24,6 +25,7 @@ export const HELP = `Mistral 7B v0.1, a TypeScript port of mistral-src's one_fil
 Usage:
 ${REFERENCE_HELP}${GENERATE_HELP}${INTERACTIVE_HELP}${SERVE_HELP}${LOGITS_HELP}
 ${TOKENIZE_HELP.replace(/^Usage:\n/, '')}
+${MAX_TOKENS_MEANINGS}
 ${COMMON_HELP}`;
 
 /** Commands by their first word; anything else is a MODEL for the reference's demo. */

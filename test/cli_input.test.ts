@@ -7,6 +7,7 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { describe, expect, it } from 'vitest';
+import { maxTokensNote } from '../cli/max_tokens';
 import { decodeUtf8, firstInvalidUtf8, PromptFileError, readPromptFile } from '../cli/prompt_file';
 import { describeRun, errorLines, ROOT, runCli, TINY, type RunResult } from './spawn';
 
@@ -158,5 +159,38 @@ describe.concurrent('prompts from files and stdin, short flags, --version (spawn
     for (const flag of ['-f, --file PATH', '-p --prompt', '-n --max-tokens', '-s --seed', '-c --chunk-size', '--version']) {
       expect(help.stdout, flag).toContain(flag);
     }
+  });
+});
+
+describe("--max-tokens's two meanings", () => {
+  it('maxTokensNote: a note exactly when some row spends every step on its own prompt', () => {
+    // Prefill covers the shortest prompt (4 tokens); the 10-token row spends 6 steps on its prompt.
+    expect(maxTokensNote([4, 10], 7)).toBeUndefined(); // 6 forced steps, then 1 new token
+    expect(maxTokensNote([4, 10], 6)).toMatch(/prompt 2 is 6 tokens longer than the shortest \(4 tokens\).*--max-tokens 7 or more/);
+    expect(maxTokensNote([4, 10, 9], 5)).toMatch(/prompts 2, 3 are up to 6 tokens longer.*their texts stop/);
+    expect(maxTokensNote([10], 3)).toBeUndefined(); // one prompt: every step is a new token
+    expect(maxTokensNote([4, 10], 0)).toBeUndefined(); // no texts at all, as the reference
+  });
+
+  it('--help states both meanings; the reference command notes a prompt cut short (generate_0), not otherwise', async () => {
+    const help = await runCli(['--help']);
+    expect(help.stdout).toContain('--max-tokens N: with the reference command (MODEL --prompt ...) N counts steps per row');
+    expect(help.stdout).toContain('With generate and interactive, N counts new tokens only');
+
+    const ref = refCase('generate_0');
+    const lengths = ref.encoded_prompts.map((ids) => ids.length); // the reference's own encodings
+    const longest = Math.max(...lengths) - Math.min(...lengths);
+    expect(lengths[1] - lengths[0]).toBeGreaterThanOrEqual(ref.max_tokens); // both longer prompts are cut: the case this test is about
+    const args = [TINY, ...ref.prompts.flatMap((p) => ['-p', p]), '--json'];
+    const cut = await runCli([...args, '-n', String(ref.max_tokens)]);
+    expect(cut.code, describeRun(cut)).toBe(0);
+    expect((JSON.parse(cut.stdout) as { texts: string[] }).texts).toEqual(ref.texts); // 'Once upon a tim': cut inside the prompt
+    const notes = cut.stderr.split('\n').filter((l) => l.startsWith('note: --max-tokens'));
+    expect(notes, describeRun(cut)).toEqual([expect.stringContaining(`prompts 2, 3 are up to ${longest} tokens longer`)]);
+    expect(notes[0]).toContain(`--max-tokens ${longest + 1} or more`);
+
+    const enough = await runCli([...args, '-n', String(longest + 1)]);
+    expect(enough.code, describeRun(enough)).toBe(0);
+    expect(enough.stderr).not.toContain('note:');
   });
 });

@@ -9,7 +9,8 @@ import * as path from 'path';
 import { describe, expect, it } from 'vitest';
 import { maxTokensNote } from '../cli/max_tokens';
 import { decodeUtf8, firstInvalidUtf8, PromptFileError, readPromptFile } from '../cli/prompt_file';
-import { describeRun, errorLines, ROOT, runCli, TINY, type RunResult } from './spawn';
+import { closestCommand, editDistance } from '../cli/main';
+import { describeRun, errorLines, ROOT, run, runCli, TINY, TS_NODE, type RunResult } from './spawn';
 
 const TMP = fs.mkdtempSync(path.join(os.tmpdir(), 'mistral-cli-input-'));
 const tmpFile = (name: string, data: string | Buffer): string => {
@@ -192,5 +193,32 @@ describe("--max-tokens's two meanings", () => {
     const enough = await runCli([...args, '-n', String(longest + 1)]);
     expect(enough.code, describeRun(enough)).toBe(0);
     expect(enough.stderr).not.toContain('note:');
+  });
+});
+
+describe('a mistyped command', () => {
+  it('closestCommand: typos, transpositions, prefixes and case, nothing for unrelated words', () => {
+    const cases: [string, string | undefined][] = [
+      ['generat', 'generate'], ['genreate', 'generate'], ['Generate', 'generate'], ['gen', 'generate'],
+      ['serv', 'serve'], ['tokenise', 'tokenize'], ['detok', 'detokenize'], ['intractive', 'interactive'],
+      ['lgoits', 'logits'], ['hello', undefined], ['storyteller', undefined], ['x'.repeat(10_000), undefined],
+    ];
+    for (const [word, expected] of cases) expect(closestCommand(word), word).toBe(expected);
+    expect(editDistance('kitten', 'sitting')).toBe(3);
+    expect(editDistance('ab', 'ba')).toBe(1);
+  });
+
+  it('says "unknown command generat; did you mean generate?" instead of taking it for a model', async () => {
+    expectOneLineError(await runCli(['generat', 'fixtures/storyteller', '--prompt', 'hi']), ['unknown command generat; did you mean generate?']);
+    expectOneLineError(await runCli(['hello', 'fixtures/storyteller']), ['hello: not a command', 'generate', 'no such file or folder']);
+    expectOneLineError(await runCli(['fixtures/storytellr']), ['fixtures/storytellr', 'no such file or folder']);
+  });
+
+  it('a model folder that happens to be named like a command typo is still a model', async () => {
+    const cwd = fs.mkdtempSync(path.join(os.tmpdir(), 'mistral-typo-'));
+    fs.symlinkSync(TINY, path.join(cwd, 'generat'));
+    const r = await run(TS_NODE, [path.join(ROOT, 'one_file_ref.ts'), 'generat', '-p', 'hi', '-n', '2', '--quiet'], { cwd });
+    expect(r.code, describeRun(r)).toBe(0);
+    expect(r.stdout.split('\n')[1]).toBe('====================='); // the reference command's output
   });
 });

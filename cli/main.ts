@@ -12,6 +12,7 @@
 import * as fs from 'fs';
 import * as path from 'path';
 import { COMMON_HELP, UsageError } from './args';
+import { maybeNoteBackend } from './backend_note';
 import { GENERATE_HELP, generateCommand } from './generate';
 import { INTERACTIVE_HELP, interactiveCommand } from './interactive';
 import { LOGITS_HELP, logitsCommand } from './logits';
@@ -105,6 +106,7 @@ export async function run(argv: string[]): Promise<void> {
   }
   checkFirstArgument(argv[0]);
   const command = COMMANDS[argv[0]];
+  if (command !== tokenizeCommand && command !== detokenizeCommand) maybeNoteBackend(argv);
   return command ? command(argv.slice(1)) : referenceCommand(argv);
 }
 

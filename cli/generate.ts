@@ -17,6 +17,7 @@ import { encodeInstruct } from '../tokenizer/instruct';
 import { complete, type Completion, type GenerateOptions } from '../generation/generate';
 import { DEFAULT_SAMPLING, randomSeed } from '../generation/sampling';
 import { COMMON_HELP, modelPath, parseCommandLine, parseIntFlag, UsageError, type OptionSpec } from './args';
+import { instructWarning } from './instruct_check';
 import { loadForCommand } from './load';
 
 /** The sampling and stopping flags of `generate` and `interactive`. */
@@ -130,6 +131,8 @@ export async function generateCommand(argv: string[]): Promise<void> {
   const opts = generateOptionsFromFlags(values, 35);
   const prompts = values.prompt;
   if (prompts === undefined) throw new UsageError('generate needs at least one --prompt TEXT');
+  const warning = values.instruct && !values.quiet ? instructWarning(model) : undefined;
+  if (warning !== undefined) process.stderr.write(`${warning}\n`);
 
   const loaded = await loadForCommand(model, values, 1);
   const [tokenizer, transformer] = [loaded.tokenizer.processor, loaded.transformer];

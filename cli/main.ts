@@ -85,7 +85,8 @@ function checkFirstArgument(first: string): void {
   const guess = closestCommand(first);
   if (guess !== undefined) throw new UsageError(`unknown command ${first}; did you mean ${guess}?`);
   if (!/[/\\.]/.test(first)) {
-    throw new UsageError(`${first}: not a command (${Object.keys(COMMANDS).join(', ')}) and no such file or folder; see --help`);
+    const shown = first.length > 60 ? `${first.slice(0, 60)}...` : first;
+    throw new UsageError(`${shown}: not a command (${Object.keys(COMMANDS).join(', ')}) and no such file or folder; see --help`);
   }
 }
 

@@ -5,6 +5,7 @@
 import * as fs from 'fs';
 import { parseArgs } from 'util';
 import { BACKENDS } from '../runtime/backend';
+import { readPromptFile } from './prompt_file';
 
 /** A bad command line; main() prints its one-line message and exits 1. */
 export class UsageError extends Error {
@@ -30,7 +31,12 @@ export const COMMON_HELP = `Options for every model command:
                   the backend, e.g. Mistral 7B on wasm)
   --quiet         no progress bar or timings on stderr
   --verbose       print stack traces with errors
-  --help          this text
+  -h, --help      this text
+  --version       the version of this package
+
+Every command that takes --prompt also takes -f, --file PATH: the whole file is one prompt
+(UTF-8; one final line end dropped), in order among the --prompt flags; PATH "-" reads stdin.
+Short forms: -p --prompt, -f --file, -n --max-tokens, -s --seed, -c --chunk-size, -h --help.
 
 MODEL is the official folder (params.json, consolidated.00.pth, tokenizer.model), the official
 .tar of it, a folder with consolidated.safetensors instead, or a Hugging Face Mistral folder
@@ -47,11 +53,12 @@ function attachDashValues(argv: string[], options: OptionSpec): string[] {
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
     if (arg === '--') return [...out, ...argv.slice(i)];
-    const name = arg.startsWith('--') ? arg.slice(2) : '';
+    const short = /^-[a-zA-Z]$/.test(arg) ? Object.keys(options).find((k) => options[k].short === arg[1]) : undefined;
+    const name = arg.startsWith('--') ? arg.slice(2) : (short ?? '');
     const next = argv[i + 1];
     const takesValue = name in options && options[name].type === 'string';
     if (takesValue && next !== undefined && /^-([^-a-zA-Z]|$)/.test(next)) {
-      out.push(`${arg}=${next}`);
+      out.push(short !== undefined ? `${arg}${next}` : `${arg}=${next}`); // -n-1 is -n with "-1"
       i++;
     } else {
       out.push(arg);
@@ -62,7 +69,7 @@ function attachDashValues(argv: string[], options: OptionSpec): string[] {
 
 /** util.parseArgs's errors (several lines, written for programmers) as one line naming the flag. */
 function explainParseError(e: Error & { code?: string }): string {
-  const flag = /Option '(-[^' ]+)/.exec(e.message)?.[1] ?? /Unknown option '([^']+)'/.exec(e.message)?.[1];
+  const flag = /Option '(?:-\w, )?(-[^' ]+)/.exec(e.message)?.[1] ?? /Unknown option '([^']+)'/.exec(e.message)?.[1];
   if (e.code === 'ERR_PARSE_ARGS_UNKNOWN_OPTION' && flag !== undefined) return `unknown flag ${flag}; see --help`;
   if (e.code === 'ERR_PARSE_ARGS_INVALID_OPTION_VALUE' && flag !== undefined) {
     if (/does not take an argument/.test(e.message)) return `${flag} takes no value; see --help`;
@@ -71,16 +78,49 @@ function explainParseError(e: Error & { code?: string }): string {
   return `${e.message.split('\n')[0]}; see --help`;
 }
 
-/** Parses `argv` against `options` (plus the common ones); bad flags become a UsageError. */
+/** The short forms llama.cpp users type first, given to a command's flags of these names. */
+const SHORT_FLAGS: Record<string, string> = { prompt: 'p', file: 'f', 'max-tokens': 'n', seed: 's', 'chunk-size': 'c', help: 'h' };
+
+/** The options with their short forms, and -f/--file wherever there is a --prompt. */
+function withShortFlags(options: OptionSpec): OptionSpec {
+  const all: OptionSpec = { ...options };
+  if ('prompt' in all) all.file = { type: 'string', multiple: true };
+  for (const [name, short] of Object.entries(SHORT_FLAGS)) {
+    if (name in all && all[name].short === undefined) all[name] = { ...all[name], short };
+  }
+  return all;
+}
+
+/**
+ * Parses `argv` against `options` (plus the common ones); bad flags become a UsageError. Where
+ * the command takes --prompt, each -f/--file PATH is read and put among the prompts in the order
+ * the flags were given.
+ */
 export function parseCommandLine<O extends OptionSpec>(argv: string[], options: O) {
   const all = { ...COMMON_OPTIONS, ...options };
+  const spec = withShortFlags(all);
+  let parsed;
   try {
-    return parseArgs({ args: attachDashValues(argv, all), allowPositionals: true, strict: true, options: all });
+    parsed = parseArgs({ args: attachDashValues(argv, spec), allowPositionals: true, strict: true, options: spec, tokens: true });
   } catch (err) {
     const e = err as Error & { code?: string };
     if (e.code?.startsWith('ERR_PARSE_ARGS')) throw new UsageError(explainParseError(e));
     throw err;
   }
+  const values = parsed.values as Record<string, unknown>;
+  if (values.file !== undefined) {
+    const files = values.file as string[];
+    if (files.filter((f) => f === '-').length > 1) throw new UsageError('--file - (stdin) can be given once');
+    const prompts: string[] = [];
+    for (const token of parsed.tokens) {
+      if (token.kind !== 'option' || token.value === undefined) continue;
+      if (token.name === 'prompt') prompts.push(token.value);
+      if (token.name === 'file') prompts.push(readPromptFile(token.value, token.rawName === '-f' ? '-f' : '--file'));
+    }
+    values.prompt = prompts;
+    delete values.file;
+  }
+  return { values: parsed.values as ReturnType<typeof parseArgs<{ options: typeof all; allowPositionals: true; strict: true }>>['values'], positionals: parsed.positionals };
 }
 
 export function parseIntFlag(name: string, value: string | undefined, fallback: number, min = 0): number {

@@ -17,6 +17,7 @@ import { encodeInstruct } from '../tokenizer/instruct';
 import { complete, type Completion, type GenerateOptions } from '../generation/generate';
 import { DEFAULT_SAMPLING, randomSeed } from '../generation/sampling';
 import { COMMON_HELP, modelPath, parseCommandLine, parseIntFlag, UsageError, type OptionSpec } from './args';
+import { instructWarning } from './instruct_check';
 import { loadForCommand } from './load';
 
 /** The sampling and stopping flags of `generate` and `interactive`. */
@@ -47,7 +48,8 @@ export const GENERATE_HELP = `  npx ts-node one_file_ref.ts generate MODEL --pro
       Generation as main.py does it, one prompt after another, each prefilled whole and
       stopped at EOS, N new tokens or a stop string; the text streams as it is generated.
       Stats on stderr at the end (backend, tokens/s, peak memory).
-      --max-tokens N   new tokens per prompt at most (default 35)
+      -n, --max-tokens N  new tokens per prompt at most, the prompt not counted (default 35;
+                       the reference command's --max-tokens counts its prompt steps too)
 ${SAMPLING_HELP}      --instruct       wrap each prompt as Mistral-7B-Instruct expects: <s>[INST] TEXT [/INST]
       --json           print {"completions": [{prompt, prompt_ids, generated_ids, text, logprobs,
                        finish_reason, seed, timings}]} instead of the text
@@ -129,6 +131,8 @@ export async function generateCommand(argv: string[]): Promise<void> {
   const opts = generateOptionsFromFlags(values, 35);
   const prompts = values.prompt;
   if (prompts === undefined) throw new UsageError('generate needs at least one --prompt TEXT');
+  const warning = values.instruct && !values.quiet ? instructWarning(model) : undefined;
+  if (warning !== undefined) process.stderr.write(`${warning}\n`);
 
   const loaded = await loadForCommand(model, values, 1);
   const [tokenizer, transformer] = [loaded.tokenizer.processor, loaded.transformer];

@@ -13,6 +13,7 @@ import { ChatSession } from '../generation/chat';
 import { complete, type Completion, type GenerateOptions } from '../generation/generate';
 import { COMMON_HELP, modelPath, parseCommandLine, UsageError, type OptionSpec } from './args';
 import { generateOptionsFromFlags, SAMPLING_HELP, SAMPLING_OPTIONS } from './generate';
+import { instructWarning } from './instruct_check';
 import { loadForCommand } from './load';
 
 const CHAT_MAX_TOKENS = 512;
@@ -46,6 +47,8 @@ export async function interactiveCommand(argv: string[]): Promise<void> {
   const instruct = values.instruct === true;
   const { seed, ...opts } = generateOptionsFromFlags(values, instruct ? CHAT_MAX_TOKENS : 35);
   if (values.system !== undefined && !instruct) throw new UsageError('--system needs --instruct');
+  const warning = instruct && !values.quiet ? instructWarning(model) : undefined;
+  if (warning !== undefined) process.stderr.write(`${warning}\n`);
 
   const loaded = await loadForCommand(model, values, 1);
   const [tokenizer, transformer] = [loaded.tokenizer.processor, loaded.transformer];

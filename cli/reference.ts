@@ -9,6 +9,7 @@ import { initBackend } from '../runtime/backend';
 import { wrapInstruct } from '../tokenizer/instruct';
 import { modelPath, parseCommandLine, parseIntFlag, UsageError } from './args';
 import { loadForCommand, loadOptions, reportSteps } from './load';
+import { noteMaxTokens } from './max_tokens';
 
 export const REFERENCE_HELP = `  npx ts-node one_file_ref.ts MODEL [--max-tokens N]
       The reference's demo: its three prompts, greedy, N steps (default 35).
@@ -44,6 +45,7 @@ export async function referenceCommand(argv: string[]): Promise<void> {
 
   const prompts = values.instruct ? values.prompt.map(wrapInstruct) : values.prompt;
   const { tokenizer, transformer } = await loadForCommand(model, values, prompts.length);
+  noteMaxTokens(values, prompts.map((p) => tokenizer.encode(p).length), maxTokens);
   try {
     const start = Date.now();
     const { texts, logprobs, generatedIds } = await generate(prompts, transformer, tokenizer, maxTokens);

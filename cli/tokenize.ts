@@ -1,19 +1,23 @@
 /**
- * The `tokenize` and `detokenize` commands, like llama.cpp's tokenize tool but line by line:
+ * The `tokenize` and `detokenize` commands, like llama.cpp's tokenize tool:
  *
- *   one_file_ref.ts tokenize PATH [--no-bos]   stdin: one JSON string per line  -> stdout: one JSON array of ids per line
- *   one_file_ref.ts detokenize PATH            stdin: one JSON array of ids per line -> stdout: one JSON string per line
+ *   one_file_ref.ts tokenize PATH "Hello world" [TEXT ...]   each TEXT (or -p TEXT, -f FILE) -> one JSON array of ids per line
+ *   one_file_ref.ts tokenize PATH [--plain] [--no-bos]        stdin: one JSON string per line (--plain: one text per line)
+ *   one_file_ref.ts detokenize PATH                          stdin: one JSON array of ids per line -> one JSON string per line
  *
  * PATH is a SentencePiece model file (whatever its name) or a model folder holding tokenizer.model.
- * Each line is answered as soon as it is read; a bad line stops the command with an error naming its
- * line number (the lines before it have been answered). Ids never include EOS; tokenize puts BOS
- * first unless --no-bos, detokenize decodes BOS/EOS to nothing, as SentencePiece does.
+ * Stdin lines are JSON by default, so that any text (newlines, tabs, leading spaces) round-trips;
+ * --plain takes each line as it is. Each line is answered as soon as it is read; a bad line stops
+ * the command with an error naming its line number (the lines before it have been answered). On a
+ * terminal, a hint on stderr says what is read. Ids never include EOS; tokenize puts BOS first
+ * unless --no-bos, detokenize decodes BOS/EOS to nothing, as SentencePiece does.
  */
 import * as fs from 'fs';
 import * as path from 'path';
 import * as readline from 'readline';
 import { parseArgs } from 'util';
 import { SentencePieceProcessor, TokenizerError } from '../tokenizer';
+import { readPromptFile } from './prompt_file';
 
 /** A bad command line or input line; the message is one line, e.g. "stdin line 3: expected a JSON string". */
 export class TokenizeCommandError extends Error {
@@ -27,8 +31,12 @@ export interface CommandIO {
 }
 
 export const TOKENIZE_HELP = `Usage:
-  npx ts-node one_file_ref.ts tokenize PATH [--no-bos]
-      Reads one JSON string per line on stdin, prints the JSON array of its token ids per line.
+  npx ts-node one_file_ref.ts tokenize PATH [TEXT ...] [-p TEXT] [-f FILE] [--plain] [--no-bos]
+      Prints the token ids of each TEXT, as a JSON array per line: TEXT given as arguments, with
+      -p/--prompt TEXT, or -f/--file FILE (the whole file, UTF-8; "-" is stdin), in that order.
+      Without any, reads stdin: one JSON string per line by default (e.g. "Hello world", quotes
+      included, so that any text fits on a line), or with --plain each line as plain text.
+      --plain    stdin lines are plain text, not JSON
       --no-bos   leave out the BOS id (by default it comes first, as the reference's Tokenizer.encode)
   npx ts-node one_file_ref.ts detokenize PATH
       Reads one JSON array of token ids per line on stdin, prints the decoded text as a JSON string per line.
@@ -37,13 +45,43 @@ PATH is a SentencePiece tokenizer model file (any name) or a model folder with t
 A line that is not what is expected stops the command with exit code 1 and an error naming the line.
 `;
 
-/** `tokenize PATH [--no-bos]`; argv is what follows the command name. */
+/** `tokenize PATH [TEXT ...] [-p TEXT] [-f FILE] [--plain] [--no-bos]`; argv is what follows the command name. */
 export async function tokenizeCommand(argv: string[], io: CommandIO = stdio()): Promise<void> {
-  const { values, positionals } = parse(argv, 'tokenize', { 'no-bos': { type: 'boolean' } });
+  const { values, positionals, tokens } = parse(argv, 'tokenize', {
+    'no-bos': { type: 'boolean' },
+    plain: { type: 'boolean' },
+    prompt: { type: 'string', multiple: true, short: 'p' },
+    file: { type: 'string', multiple: true, short: 'f' },
+  });
   if (values.help) return write(io.output, TOKENIZE_HELP);
-  const tokenizer = await loadTokenizer(onePath(positionals, 'tokenize'));
+  const target = positionals[0];
+  if (target === undefined) throw new TokenizeCommandError('tokenize: missing PATH (a tokenizer model file or a model folder)');
+  // The texts in the order given: arguments, -p and -f in place.
+  const texts: string[] = [];
+  let positional = 0;
+  for (const token of tokens) {
+    if (token.kind === 'positional' && positional++ > 0) texts.push(token.value);
+    if (token.kind === 'option' && token.value !== undefined) {
+      if (token.name === 'prompt') texts.push(token.value);
+      if (token.name === 'file') texts.push(readPromptFile(token.value, token.rawName));
+    }
+  }
+  const tokenizer = await loadTokenizer(target);
   const bos = values['no-bos'] !== true;
+  if (texts.length > 0) {
+    for (const text of texts) await write(io.output, JSON.stringify(tokenizer.encode(text, bos)) + '\n');
+    return;
+  }
+  if (isTerminal(io.input)) {
+    process.stderr.write(
+      values.plain
+        ? 'tokenize: reading text from the terminal, one line at a time; Ctrl-D ends\n'
+        : 'tokenize: reading one JSON string per line, e.g. "Hello world" with the quotes (or use --plain for plain ' +
+            'lines, or give the text as an argument: tokenize PATH "Hello world"); Ctrl-D ends\n',
+    );
+  }
   await eachLine(io, (line, where) => {
+    if (values.plain) return JSON.stringify(tokenizer.encode(line, bos));
     const text = parseLine(line, where);
     if (typeof text !== 'string') throw new TokenizeCommandError(`${where}: expected a JSON string, got ${describe(text)}`);
     return JSON.stringify(tokenizer.encode(text, bos));
@@ -56,12 +94,15 @@ export async function detokenizeCommand(argv: string[], io: CommandIO = stdio())
   if (values.help) return write(io.output, TOKENIZE_HELP);
   const tokenizer = await loadTokenizer(onePath(positionals, 'detokenize'));
   const n = tokenizer.vocabSize;
+  if (isTerminal(io.input)) {
+    process.stderr.write('detokenize: reading one JSON array of token ids per line, e.g. [1, 22557, 1526]; Ctrl-D ends\n');
+  }
   await eachLine(io, (line, where) => {
     const ids = parseLine(line, where);
     if (!Array.isArray(ids)) throw new TokenizeCommandError(`${where}: expected a JSON array of token ids, got ${describe(ids)}`);
     ids.forEach((id: unknown, i) => {
       if (typeof id !== 'number' || !Number.isInteger(id) || id < 0 || id >= n) {
-        throw new TokenizeCommandError(`${where}: token id ${JSON.stringify(id)} at position ${i} is not an integer in [0, ${n})`);
+        throw new TokenizeCommandError(`${where}: ${describeId(id, i)} is not an integer in [0, ${n})`);
       }
     });
     return JSON.stringify(tokenizer.decode(ids as number[]));
@@ -90,20 +131,40 @@ export async function loadTokenizer(target: string): Promise<SentencePieceProces
   throw new TokenizeCommandError(`${standard}: missing (expected a tokenizer model file or a model folder with tokenizer.model)`);
 }
 
+/**
+ * "token id X at position I" for an element of a detokenize line, shown briefly: a number too large
+ * for a double (1e400 reads as Infinity) says so, a long string is cut, and an array or object is
+ * named by its kind, never printed (it may be nested 100,000 levels deep).
+ */
+function describeId(id: unknown, i: number): string {
+  if (typeof id === 'number' && !Number.isFinite(id)) {
+    return `token id at position ${i} is a number beyond a double's range (read as ${id}), so it`;
+  }
+  if (typeof id === 'number') return `token id ${id} at position ${i}`;
+  if (typeof id === 'string') return `token id ${id.length > 40 ? `${JSON.stringify(id.slice(0, 40))}...` : JSON.stringify(id)} at position ${i}`;
+  if (typeof id === 'boolean') return `token id ${id} at position ${i}`;
+  return `token id at position ${i} is ${Array.isArray(id) ? 'a nested array' : describe(id)}, which`;
+}
+
+function isTerminal(input: NodeJS.ReadableStream): boolean {
+  return (input as NodeJS.ReadableStream & { isTTY?: boolean }).isTTY === true;
+}
+
 function stdio(): CommandIO {
   return { input: process.stdin, output: process.stdout };
 }
 
-type Options = Record<string, { type: 'boolean' }>;
+type Options = Record<string, { type: 'boolean' | 'string'; multiple?: boolean; short?: string }>;
 
 function parse<O extends Options>(argv: string[], command: string, options: O) {
   try {
     return parseArgs({
       args: argv,
       // --verbose is cli/main.ts's (it adds stack traces to errors): accepted here and ignored.
-      options: { ...options, help: { type: 'boolean' }, verbose: { type: 'boolean' } },
+      options: { ...options, help: { type: 'boolean', short: 'h' }, verbose: { type: 'boolean' } },
       allowPositionals: true,
       strict: true,
+      tokens: true,
     });
   } catch (err) {
     // Node's text goes on with advice about '--'; the first sentence is the point.

@@ -10,8 +10,12 @@
  * - Without --instruct and without a terminal, each stdin line is completed from position 0.
  */
 import { spawn, spawnSync, type ChildProcessWithoutNullStreams } from 'child_process';
+import * as fs from 'fs';
+import * as os from 'os';
 import * as path from 'path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { instructionTunedEvidence } from '../cli/instruct_check';
+import { describeRun, runCli } from './spawn';
 import { Transformer } from '../one_file_ref';
 import { SentencePieceProcessor } from '../tokenizer';
 import { encodeInstruct } from '../tokenizer/instruct';
@@ -179,5 +183,46 @@ describe('interactive without --instruct, stdin not a terminal', () => {
     child.stdin.end(lines.map((l) => `${l}\n`).join(''));
     expect(await session.exit).toBe(0);
     expect(session.output).toBe(`${expected.join('')}Prompt: `);
+  });
+});
+
+describe('--instruct on a model that is not instruction-tuned', () => {
+  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'mistral-heuristic-'));
+  const folder = (name: string, files: Record<string, string> = {}): string => {
+    const dir = path.join(tmp, name);
+    fs.mkdirSync(dir, { recursive: true });
+    for (const [file, text] of Object.entries(files)) fs.writeFileSync(path.join(dir, file), text);
+    return dir;
+  };
+
+  it('the heuristic: a name with instruct/chat/-it, a chat_template, or a config naming an Instruct model', () => {
+    expect(instructionTunedEvidence(folder('mistral-7B-instruct-v0.1'))).toContain('mistral-7B-instruct-v0.1');
+    expect(instructionTunedEvidence(folder('zephyr-chat'))).toBeDefined();
+    expect(instructionTunedEvidence(folder('gemma-7b-it'))).toBeDefined();
+    expect(instructionTunedEvidence(path.join(folder('Mistral-7B-Instruct-v0.2', { 'consolidated.00.pth': '' }), 'consolidated.00.pth'))).toBeDefined(); // a file in it
+    expect(instructionTunedEvidence(folder('hf-a', { 'tokenizer_config.json': '{"chat_template": "{{ bos_token }}"}' }))).toContain('chat_template');
+    expect(instructionTunedEvidence(folder('hf-b', { 'config.json': '{"_name_or_path": "mistralai/Mistral-7B-Instruct-v0.1"}' }))).toContain('_name_or_path');
+    // Base models: Mistral-7B-v0.1's own names and configs, the fixtures, a broken config.
+    expect(instructionTunedEvidence(folder('mistral-7B-v0.1', { 'params.json': '{"dim": 4096}' }))).toBeUndefined();
+    expect(instructionTunedEvidence(folder('hf-c', { 'config.json': '{"_name_or_path": "mistralai/Mistral-7B-v0.1"}', 'tokenizer_config.json': '{' }))).toBeUndefined();
+    expect(instructionTunedEvidence(path.join(ROOT, 'fixtures', 'storyteller'))).toBeUndefined();
+    expect(instructionTunedEvidence(folder('split'))).toBeUndefined(); // "it" only as a word of its own
+  });
+
+  it('interactive --instruct warns once on the storyteller; not on the same weights in an "instruct" folder, nor without --instruct', async () => {
+    const instructCopy = path.join(folder('renamed'), 'storyteller-instruct');
+    fs.symlinkSync(path.join(ROOT, 'fixtures', 'storyteller'), instructCopy);
+    const input = 'Hello\nAgain\n';
+    const [base, tuned, plain] = await Promise.all([
+      runCli(['interactive', 'fixtures/storyteller', '--instruct', '-n', '3', '-s', '1'], { input }),
+      runCli(['interactive', instructCopy, '--instruct', '-n', '3', '-s', '1'], { input }),
+      runCli(['interactive', 'fixtures/storyteller', '-n', '3', '-s', '1'], { input }),
+    ]);
+    for (const r of [base, tuned, plain]) expect(r.code, describeRun(r)).toBe(0);
+    const warnings = base.stderr.split('\n').filter((l) => l.startsWith('warning:'));
+    expect(warnings, describeRun(base)).toHaveLength(1); // once per session, not per turn
+    expect(warnings[0]).toMatch(/fixtures\/storyteller does not look instruction-tuned.*\[INST\].*leave --instruct out/);
+    expect(tuned.stderr).not.toContain('warning:');
+    expect(plain.stderr).not.toContain('warning:');
   });
 });

@@ -4,7 +4,7 @@
  * line and argument; and as a real process through one_file_ref.ts, as users run it (stdout, one-line
  * stderr, exit codes), the way cli/main.ts runs them.
  */
-import { spawnSync } from 'child_process';
+import { spawn, spawnSync } from 'child_process';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
@@ -47,6 +47,12 @@ async function expectFailure(
 }
 
 const lines = (values: unknown[]): string => values.map((v) => JSON.stringify(v) + '\n').join('');
+
+/** The tiny tokenizer's ids of `text` with BOS, from the library itself (for texts not in the Python corpus). */
+async function tokenizeOne(text: string): Promise<number[]> {
+  const { loadTokenizer } = await import('../cli/tokenize');
+  return (await loadTokenizer(TINY_TOKENIZER)).encode(text, true);
+}
 const tiny = readCases('tiny')!;
 const tinyHeldout = readCases('tiny', true)!;
 
@@ -114,6 +120,43 @@ describe('tokenize / detokenize in-process', () => {
     await expectFailure(detokenizeCommand, [TINY_TOKENIZER], '{"ids": [1]}\n', TokenizeCommandError, 'got an object');
   });
 
+  it('takes texts as arguments, -p and -f, in the order given, each as Python encodes it', async () => {
+    const [a, b, c] = tiny.cases.filter((x) => x.text.length > 0).slice(0, 3);
+    const file = path.join(dir, 'text.txt');
+    fs.writeFileSync(file, `${b.text}\n`); // one final newline dropped, as for prompt files
+    const { stdout, error } = await run(tokenizeCommand, [TINY_TOKENIZER, a.text, '-f', file, '--prompt', c.text, '--no-bos'], '"never read"\n');
+    expect(error).toBeUndefined();
+    expect(stdout).toBe(lines([a.ids, b.ids, c.ids]));
+    // After "--" a text may start with "-".
+    const dash = await run(tokenizeCommand, [TINY_TOKENIZER, '--', '-x'], '');
+    expect(dash.error).toBeUndefined();
+    expect(dash.stdout).toBe(lines([await tokenizeOne('-x')]));
+  });
+
+  it('--plain reads each stdin line as text (every one-line corpus string, leading spaces and tabs kept)', async () => {
+    const cases = tiny.cases.filter((c) => !/[\r\n]/.test(c.text));
+    expect(cases.length).toBeGreaterThan(10);
+    const { stdout, error } = await run(tokenizeCommand, [TINY_TOKENIZER, '--plain'], cases.map((c) => `${c.text}\n`).join(''));
+    expect(error).toBeUndefined();
+    expect(stdout).toBe(lines(cases.map((c) => [tiny.bos_id, ...c.ids])));
+  });
+
+  it('detokenize: a 100,000-deep nested array and [1e400] are one-line errors naming the line and what was expected', async () => {
+    const deep = `${'['.repeat(100_000)}${']'.repeat(100_000)}`;
+    await expectFailure(detokenizeCommand, [TINY_TOKENIZER], `[1]\n${deep}\n`, TokenizeCommandError,
+      'stdin line 2: token id at position 0 is a nested array', `is not an integer in [0, ${tiny.vocab_size})`);
+    await expectFailure(detokenizeCommand, [TINY_TOKENIZER], `[1, ${deep}]\n`, TokenizeCommandError, 'stdin line 1: token id at position 1 is a nested array');
+    const huge = await expectFailure(detokenizeCommand, [TINY_TOKENIZER], '[1e400]\n', TokenizeCommandError,
+      "stdin line 1: token id at position 0 is a number beyond a double's range (read as Infinity)", `not an integer in [0, ${tiny.vocab_size})`);
+    expect(huge).toBe('');
+    const { error } = await run(detokenizeCommand, [TINY_TOKENIZER], '[-1e400]\n');
+    expect(error?.message).not.toContain('null');
+    // A deep object, and a deep line for tokenize, are named by their kind too.
+    const deepObject = `${'{"a":'.repeat(100_000)}1${'}'.repeat(100_000)}`;
+    await expectFailure(detokenizeCommand, [TINY_TOKENIZER], `[${deepObject}]\n`, TokenizeCommandError, 'token id at position 0 is an object');
+    await expectFailure(tokenizeCommand, [TINY_TOKENIZER], `${deep}\n`, TokenizeCommandError, 'stdin line 1: expected a JSON string, got an array');
+  });
+
   it('rejects bad arguments and paths, naming them', async () => {
     await expectFailure(tokenizeCommand, [], '', TokenizeCommandError, 'tokenize: missing PATH');
     await expectFailure(detokenizeCommand, [TINY_TOKENIZER, 'extra'], '', TokenizeCommandError, 'unexpected argument "extra"');
@@ -131,7 +174,8 @@ describe('tokenize / detokenize in-process', () => {
   it('prints its usage with --help', async () => {
     const { stdout, error } = await run(tokenizeCommand, ['--help'], '');
     expect(error).toBeUndefined();
-    expect(stdout).toContain('tokenize PATH [--no-bos]');
+    expect(stdout).toContain('tokenize PATH [TEXT ...] [-p TEXT] [-f FILE] [--plain] [--no-bos]');
+    expect(stdout).toContain('one JSON string per line by default');
     expect(stdout).toContain('detokenize PATH');
   });
 });
@@ -169,6 +213,46 @@ describe('as a process (npx ts-node one_file_ref.ts tokenize|detokenize)', () =>
     const detok = runner(['detokenize', path.join(ROOT, 'fixtures/tiny')], tok.stdout);
     expect(detok.status).toBe(0);
     expect(detok.stdout).toBe(lines([hello.decoded]));
+  });
+
+  it('tokenize MODEL "Hello world" prints the ids; --plain takes plain lines from a pipe', () => {
+    const [a, b] = tiny.cases.filter((x) => x.text.length > 0 && !/[\r\n]/.test(x.text));
+    const args = runner(['tokenize', path.join(ROOT, 'fixtures/tiny'), a.text, b.text], '');
+    expect(args.stderr).toBe('');
+    expect(args.status).toBe(0);
+    expect(args.stdout).toBe(lines([[1, ...a.ids], [1, ...b.ids]]));
+    const plain = runner(['tokenize', TINY_TOKENIZER, '--plain'], `${a.text}\n${b.text}\n`);
+    expect(plain.status).toBe(0);
+    expect(plain.stdout).toBe(lines([[1, ...a.ids], [1, ...b.ids]]));
+  });
+
+  it('detokenize [1e400] from a pipe: one line naming the line, exit 1', () => {
+    const res = runner(['detokenize', TINY_TOKENIZER], '[1e400]\n');
+    expect(res.status).toBe(1);
+    expect(res.stderr).toBe(`error: stdin line 1: token id at position 0 is a number beyond a double's range (read as Infinity), so it is not an integer in [0, ${tiny.vocab_size})\n`);
+  });
+
+  it.skipIf(spawnSync('script', ['--version']).status !== 0)('on a terminal, tokenize says what it reads instead of waiting without a word (needs util-linux `script`)', async () => {
+    const hello = tiny.cases.find((c) => c.name === 'hello_world')!;
+    const command = `${path.join(ROOT, 'node_modules/.bin/ts-node')} one_file_ref.ts tokenize ${TINY_TOKENIZER}`;
+    const child = spawn('script', ['-qfec', command, '/dev/null'], { cwd: ROOT, env: { ...process.env, TERM: 'dumb' } });
+    let output = '';
+    child.stdout.setEncoding('utf8').on('data', (s: string) => (output += s));
+    const waitFor = async (what: RegExp): Promise<void> => {
+      for (let i = 0; i < 600 && !what.test(output); i++) await new Promise((r) => setTimeout(r, 100));
+      expect(output, `waiting for ${what}`).toMatch(what);
+    };
+    try {
+      await waitFor(/reading one JSON string per line, e\.g\. "Hello world" with the quotes/);
+      expect(output).toContain('--plain');
+      child.stdin.write('"Hello world!"\n');
+      await waitFor(new RegExp(`\\[1,${hello.ids.join(',')}\\]`));
+      child.stdin.write('\x04'); // Ctrl-D
+      const code = await new Promise<number | null>((resolve) => child.on('close', resolve));
+      expect(code).toBe(0);
+    } finally {
+      if (child.exitCode === null) child.kill('SIGKILL');
+    }
   });
 
   it('exits 1 with a one-line error naming the bad line', () => {

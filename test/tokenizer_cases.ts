@@ -9,7 +9,8 @@ import * as path from 'path';
 
 export const ROOT = path.resolve(__dirname, '..');
 export const CASES_DIR = path.join(ROOT, 'fixtures/tokenizer_cases');
-export const SHARED_TOKENIZERS = path.resolve(ROOT, '../shared/mistral-tokenizer');
+/** ../shared, or $MISTRAL_SHARED (the tests of the test summary point it elsewhere). */
+export const SHARED_TOKENIZERS = path.resolve(ROOT, process.env.MISTRAL_SHARED || '../shared', 'mistral-tokenizer');
 export const TINY_TOKENIZER = path.join(ROOT, 'fixtures/tiny/tokenizer.model');
 
 export interface Documented {

@@ -52,66 +52,70 @@ export function registerChat(app: FastifyInstance, ctx: RouteContext): void {
     const signal = clientGone(reply);
     const header = { id: newId('chatcmpl'), object: 'chat.completion', created: now(), model: ctx.modelName, system_fingerprint: null };
 
-    return ctx.host.turn(signal, async (model) => {
-      // Tokenized only now that its turn has come (and not at all if its client left while it waited).
-      const promptIds = chatPromptIds(model.sp, body.messages);
-      const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? Math.max(0, MAX_POSITIONS - promptIds.length);
-      checkLength(promptIds.length, maxTokens, 'messages');
-      // The answer is decoded on its own, as chat.ts does (mistral-common encodes an assistant message
-      // alone): its first piece's dummy-prefix space is not part of the text.
-      const gen = { ...generationOptions(body), maxTokens, topLogprobs, signal, context: [] };
-      const shown = (tokens: readonly GeneratedToken[]) => tokens.filter((t) => t.id !== model.sp.eosId).map((t) => chatLogprob(model, t));
+    let stream: EventStream | undefined; // once the answer is streamed, errors end the stream
+    try {
+      return await ctx.host.turn(signal, async (model) => {
+        // Tokenized only now that its turn has come (and not at all if its client left while it waited).
+        const promptIds = chatPromptIds(model.sp, body.messages);
+        const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? Math.max(0, MAX_POSITIONS - promptIds.length);
+        checkLength(promptIds.length, maxTokens, 'messages');
+        // The answer is decoded on its own, as chat.ts does (mistral-common encodes an assistant message
+        // alone): its first piece's dummy-prefix space is not part of the text.
+        const gen = { ...generationOptions(body), maxTokens, topLogprobs, signal, context: [] };
+        const shown = (tokens: readonly GeneratedToken[]) => tokens.filter((t) => t.id !== model.sp.eosId).map((t) => chatLogprob(model, t));
 
-      if (!body.stream) {
-        const run = await runGeneration(model.transformer, model.sp, promptIds, gen);
-        ctx.host.recordUsage(request, usageOf([run]));
-        return {
+        if (!body.stream) {
+          const run = await runGeneration(model.transformer, model.sp, promptIds, gen);
+          ctx.host.recordUsage(request, usageOf([run]));
+          return {
+            ...header,
+            choices: [
+              {
+                index: 0,
+                message: { role: 'assistant', content: run.completion.text, refusal: null },
+                logprobs: wantLogprobs ? { content: shown(run.tokens), refusal: null } : null,
+                finish_reason: finishReason(run.completion.finishReason),
+              },
+            ],
+            usage: usageOf([run]),
+          };
+        }
+
+        const events = (stream = new EventStream(reply));
+        const includeUsage = body.stream_options?.include_usage === true;
+        const chunk = (choice: Record<string, unknown>) => ({
           ...header,
-          choices: [
-            {
-              index: 0,
-              message: { role: 'assistant', content: run.completion.text, refusal: null },
-              logprobs: wantLogprobs ? { content: shown(run.tokens), refusal: null } : null,
-              finish_reason: finishReason(run.completion.finishReason),
-            },
-          ],
-          usage: usageOf([run]),
-        };
-      }
-
-      const stream = new EventStream(reply);
-      const includeUsage = body.stream_options?.include_usage === true;
-      const chunk = (choice: Record<string, unknown>) => ({
-        ...header,
-        object: 'chat.completion.chunk',
-        choices: [{ index: 0, logprobs: null, finish_reason: null, ...choice }],
-        ...(includeUsage ? { usage: null } : {}),
+          object: 'chat.completion.chunk',
+          choices: [{ index: 0, logprobs: null, finish_reason: null, ...choice }],
+          ...(includeUsage ? { usage: null } : {}),
+        });
+        const runs: TokenRun[] = [];
+        try {
+          events.send(chunk({ delta: { role: 'assistant', content: '' } }));
+          let trailing = '';
+          const onToken = (t: GeneratedToken): void => {
+            if (t.id === model.sp.eosId) {
+              trailing += t.text;
+              return;
+            }
+            events.send(chunk({ delta: { content: t.text }, logprobs: wantLogprobs ? { content: [chatLogprob(model, t)], refusal: null } : null }));
+          };
+          const run = await runGeneration(model.transformer, model.sp, promptIds, { ...gen, onToken });
+          runs.push(run);
+          if (events.closed) return undefined;
+          const rest = trailing + run.trailingText;
+          events.send(chunk({ delta: rest === '' ? {} : { content: rest }, finish_reason: finishReason(run.completion.finishReason) }));
+          if (includeUsage) events.send({ ...header, object: 'chat.completion.chunk', choices: [], usage: usageOf(runs) });
+          events.end();
+        } finally {
+          ctx.host.recordUsage(request, usageOf(runs));
+        }
+        return undefined;
       });
-      const runs: TokenRun[] = [];
-      try {
-        stream.send(chunk({ delta: { role: 'assistant', content: '' } }));
-        let trailing = '';
-        const onToken = (t: GeneratedToken): void => {
-          if (t.id === model.sp.eosId) {
-            trailing += t.text;
-            return;
-          }
-          stream.send(chunk({ delta: { content: t.text }, logprobs: wantLogprobs ? { content: [chatLogprob(model, t)], refusal: null } : null }));
-        };
-        const run = await runGeneration(model.transformer, model.sp, promptIds, { ...gen, onToken });
-        runs.push(run);
-        if (stream.closed) return undefined;
-        const rest = trailing + run.trailingText;
-        stream.send(chunk({ delta: rest === '' ? {} : { content: rest }, finish_reason: finishReason(run.completion.finishReason) }));
-        if (includeUsage) stream.send({ ...header, object: 'chat.completion.chunk', choices: [], usage: usageOf(runs) });
-        stream.end();
-      } catch (err) {
-        stream.end(streamError(err));
-        throw err; // the turn sees the failure (server/model_host.ts checks the model)
-      } finally {
-        ctx.host.recordUsage(request, usageOf(runs));
-      }
+    } catch (err) {
+      if (stream === undefined) throw err;
+      stream.end(streamError(err)); // in OpenAI's shape, which its clients raise
       return undefined;
-    });
+    }
   });
 }

@@ -71,62 +71,66 @@ export function registerCompletions(app: FastifyInstance, ctx: RouteContext): vo
     const gen = { ...generationOptions(body), maxTokens, topLogprobs, signal };
     const header = { id: newId('cmpl'), object: 'text_completion', created: now(), model: ctx.modelName };
 
-    return ctx.host.turn(signal, async (model) => {
-      // Tokenized only now that its turn has come (and not at all if its client left while it waited).
-      const prompts = completionPrompts(model.sp, body.prompt);
-      for (const p of prompts) checkLength(p.ids.length, maxTokens, 'prompt');
+    let stream: EventStream | undefined; // once the answer is streamed, errors end the stream
+    try {
+      return await ctx.host.turn(signal, async (model) => {
+        // Tokenized only now that its turn has come (and not at all if its client left while it waited).
+        const prompts = completionPrompts(model.sp, body.prompt);
+        for (const p of prompts) checkLength(p.ids.length, maxTokens, 'prompt');
 
-      if (!body.stream) {
-        const runs: TokenRun[] = [];
-        for (const p of prompts) {
-          if (signal.aborted) break; // its client left: the other prompts are not run
-          runs.push(await runGeneration(model.transformer, model.sp, p.ids, gen));
-        }
-        ctx.host.recordUsage(request, usageOf(runs));
-        return {
-          ...header,
-          choices: runs.map((run, index) => ({
-            index,
-            text: run.completion.text,
-            logprobs: topLogprobs === undefined ? null : completionLogprobs(model, run.tokens, prompts[index].text.length),
-            finish_reason: finishReason(run.completion.finishReason),
-          })),
-          usage: usageOf(runs),
-        };
-      }
-
-      const stream = new EventStream(reply);
-      const includeUsage = body.stream_options?.include_usage === true;
-      const chunk = (choices: unknown[]) => ({ ...header, choices, ...(includeUsage ? { usage: null } : {}) });
-      const runs: TokenRun[] = [];
-      try {
-        for (const [index, p] of prompts.entries()) {
-          if (stream.closed || signal.aborted) return undefined;
-          let offset = p.text.length;
-          let trailing = '';
-          const onToken = (t: GeneratedToken): void => {
-            if (t.id === model.sp.eosId) {
-              trailing += t.text;
-              return;
-            }
-            const logprobs = topLogprobs === undefined ? null : completionLogprobs(model, [t], offset);
-            offset += t.text.length;
-            stream.send(chunk([{ index, text: t.text, logprobs, finish_reason: null }]));
+        if (!body.stream) {
+          const runs: TokenRun[] = [];
+          for (const p of prompts) {
+            if (signal.aborted) break; // its client left: the other prompts are not run
+            runs.push(await runGeneration(model.transformer, model.sp, p.ids, gen));
+          }
+          ctx.host.recordUsage(request, usageOf(runs));
+          return {
+            ...header,
+            choices: runs.map((run, index) => ({
+              index,
+              text: run.completion.text,
+              logprobs: topLogprobs === undefined ? null : completionLogprobs(model, run.tokens, prompts[index].text.length),
+              finish_reason: finishReason(run.completion.finishReason),
+            })),
+            usage: usageOf(runs),
           };
-          const run = await runGeneration(model.transformer, model.sp, p.ids, { ...gen, onToken });
-          runs.push(run);
-          if (stream.closed) return undefined;
-          stream.send(chunk([{ index, text: trailing + run.trailingText, logprobs: null, finish_reason: finishReason(run.completion.finishReason) }]));
         }
-        if (includeUsage) stream.send({ ...header, choices: [], usage: usageOf(runs) });
-        stream.end();
-      } catch (err) {
-        stream.end(streamError(err));
-        throw err; // the turn sees the failure (server/model_host.ts checks the model)
-      } finally {
-        ctx.host.recordUsage(request, usageOf(runs));
-      }
+
+        const events = (stream = new EventStream(reply));
+        const includeUsage = body.stream_options?.include_usage === true;
+        const chunk = (choices: unknown[]) => ({ ...header, choices, ...(includeUsage ? { usage: null } : {}) });
+        const runs: TokenRun[] = [];
+        try {
+          for (const [index, p] of prompts.entries()) {
+            if (events.closed || signal.aborted) return undefined;
+            let offset = p.text.length;
+            let trailing = '';
+            const onToken = (t: GeneratedToken): void => {
+              if (t.id === model.sp.eosId) {
+                trailing += t.text;
+                return;
+              }
+              const logprobs = topLogprobs === undefined ? null : completionLogprobs(model, [t], offset);
+              offset += t.text.length;
+              events.send(chunk([{ index, text: t.text, logprobs, finish_reason: null }]));
+            };
+            const run = await runGeneration(model.transformer, model.sp, p.ids, { ...gen, onToken });
+            runs.push(run);
+            if (events.closed) return undefined;
+            events.send(chunk([{ index, text: trailing + run.trailingText, logprobs: null, finish_reason: finishReason(run.completion.finishReason) }]));
+          }
+          if (includeUsage) events.send({ ...header, choices: [], usage: usageOf(runs) });
+          events.end();
+        } finally {
+          ctx.host.recordUsage(request, usageOf(runs));
+        }
+        return undefined;
+      });
+    } catch (err) {
+      if (stream === undefined) throw err;
+      stream.end(streamError(err)); // in OpenAI's shape, which its clients raise
       return undefined;
-    });
+    }
   });
 }

@@ -148,7 +148,11 @@ export function buildServer(opts: ServerOptions): FastifyInstance {
     const declared = Number(request.headers['content-length']);
     const bytes = Number.isSafeInteger(declared) && declared >= 0 ? Math.min(declared, bodyLimit) : bodyLimit;
     const refused = host.admit(bytes);
-    if (refused) throw refused;
+    if (refused) {
+      // The body is not wanted: close the connection after the answer rather than read it all.
+      void reply.header('Connection', 'close');
+      throw refused;
+    }
     reply.raw.once('close', () => host.release(bytes));
   });
 

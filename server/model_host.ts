@@ -83,8 +83,8 @@ export interface HostOptions {
 }
 
 export const DEFAULT_MAX_QUEUE = 64;
-/** 64 MiB: sixteen bodies of the default 4 MiB limit, thousands of ordinary requests. */
-export const DEFAULT_PENDING_BODY_BYTES = 64 * 2 ** 20;
+/** 16 MiB: four bodies of the default 4 MiB limit at once, hundreds of ordinary requests (a body is parsed in one go: each one admitted holds the event loop for its JSON.parse). */
+export const DEFAULT_PENDING_BODY_BYTES = 16 * 2 ** 20;
 /** Seconds a 429 or 503 asks the client to wait before it retries (the Retry-After header). */
 export const RETRY_AFTER_SECONDS = 1;
 

@@ -11,6 +11,7 @@
  * until the process that started it goes (npx killed, a terminal closed), then stops taking
  * requests, ends those in flight and exits 0. If the model's backend stops working it exits 1.
  */
+import * as fs from 'fs';
 import * as path from 'path';
 import type { FastifyInstance } from 'fastify';
 import { withModel } from '../generation/generate';
@@ -144,10 +145,52 @@ export async function startServe(argv: string[], hooks: ServeHooks = {}): Promis
 /** How often the server checks that the process that started it is still there. */
 const PARENT_POLL_MS = 1000;
 
+/** The parent process id of `pid`, from /proc (Linux); undefined where that cannot be read. */
+function parentOf(pid: number): number | undefined {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+  } catch {
+    return undefined;
+  }
+}
+
+/** Whether `pid` runs `sh -c ...`, the wrapper npm puts between `npx` and the command. */
+function isShellWrapper(pid: number): boolean {
+  try {
+    const [cmd, flag] = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+    return /(^|\/)(ba|da)?sh$/.test(cmd) && flag === '-c';
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * The processes whose end means the server should end: its parent, and when that parent is npm's
+ * `sh -c` wrapper, the process above it too (npx itself: killing it leaves the wrapper waiting).
+ * A process started with nohup or by a supervisor is not affected by anything further up.
+ */
+function watchedAncestors(): number[] {
+  const watched = [process.ppid];
+  const above = parentOf(process.ppid);
+  if (isShellWrapper(process.ppid) && above !== undefined && above > 1) watched.push(above);
+  return watched;
+}
+
+const alive = (pid: number): boolean => {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+};
+
 export async function serveCommand(argv: string[]): Promise<void> {
   const quiet = argv.includes('--quiet');
   // The process that started us (npx, a shell, a supervisor): when it goes, we are reparented.
   const parent = process.ppid;
+  const ancestors = watchedAncestors();
   let stopRequested: ((why: string) => void) | null = null;
   const requestStop = (why: string): void => {
     if (stopRequested) stopRequested(why);
@@ -157,7 +200,7 @@ export async function serveCommand(argv: string[]): Promise<void> {
   const signals: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
   for (const s of signals) process.on(s, onSignal);
   const poll = setInterval(() => {
-    if (process.ppid !== parent) requestStop('the parent process is gone');
+    if (process.ppid !== parent || !ancestors.every(alive)) requestStop('the parent process is gone');
   }, PARENT_POLL_MS);
   poll.unref();
   try {

@@ -105,31 +105,46 @@ describe('serve, spawned', () => {
     }
   });
 
-  it('ends when the process that started it is killed', async () => {
-    // A parent that starts the server and is then killed with SIGKILL (as npx may be): no signal reaches the server.
-    const script = `const { spawn } = require('child_process');
-const c = spawn(${JSON.stringify(TS_NODE)}, ['one_file_ref.ts', 'serve', 'fixtures/tiny', '--port', '0'], { stdio: ['ignore', 'ignore', 'pipe'] });
-c.stderr.on('data', (d) => { if (/serving/.test(String(d))) console.log(c.pid); });
+  it('ends when the process that started it is killed, directly or through npm\'s sh -c wrapper', async () => {
+    // A parent that starts the server and is then killed with SIGKILL (as npx may be): no signal
+    // reaches the server. `npx` runs the command through `sh -c`, which stays behind, waiting.
+    const serve = (wrapped: boolean): string => {
+      const command = `${JSON.stringify(TS_NODE)} one_file_ref.ts serve fixtures/tiny --port 0`;
+      const spawnLine = wrapped ? `spawn('sh', ['-c', ${JSON.stringify(command + '; true')}]` : `spawn(${JSON.stringify(TS_NODE)}, ['one_file_ref.ts', 'serve', 'fixtures/tiny', '--port', '0']`;
+      return `const { spawn } = require('child_process'); const fs = require('fs');
+const c = ${spawnLine}, { stdio: ['ignore', 'ignore', 'pipe'] });
+c.stderr.on('data', (d) => {
+  if (!/serving/.test(String(d))) return;
+  let pid = c.pid;
+  try { pid = Number(fs.readFileSync('/proc/' + c.pid + '/task/' + c.pid + '/children', 'utf8').trim().split(' ')[0]) || c.pid; } catch {}
+  console.log(pid);
+});
 setInterval(() => {}, 1000);`;
-    const parent = spawn(process.execPath, ['-e', script], { cwd: ROOT, env: ENV });
-    let out = '';
-    parent.stdout.setEncoding('utf8').on('data', (s: string) => (out += s));
+    };
+    const alive = (pid: number): boolean => {
+      try {
+        process.kill(pid, 0);
+        return true;
+      } catch {
+        return false;
+      }
+    };
+    const parents = [false, true].map((wrapped) => spawn(process.execPath, ['-e', serve(wrapped)], { cwd: ROOT, env: ENV }));
     try {
-      await until(() => /^\d+$/m.test(out), 60_000, 'the server to start');
-      const pid = Number(/^(\d+)$/m.exec(out)![1]);
-      const alive = (): boolean => {
-        try {
-          process.kill(pid, 0);
-          return true;
-        } catch {
-          return false;
-        }
-      };
-      expect(alive()).toBe(true);
-      parent.kill('SIGKILL');
-      await until(() => !alive(), 10_000, `server ${pid} to exit after its parent was killed`);
+      const pids = await Promise.all(
+        parents.map(async (parent) => {
+          let out = '';
+          parent.stdout.setEncoding('utf8').on('data', (s: string) => (out += s));
+          await until(() => /^\d+$/m.test(out), 60_000, 'the server to start');
+          return Number(/^(\d+)$/m.exec(out)![1]);
+        }),
+      );
+      for (const pid of pids) expect(alive(pid)).toBe(true);
+      expect(fs.readFileSync(`/proc/${pids[1]}/cmdline`, 'utf8')).toContain('serve'); // the server itself, not the sh
+      for (const parent of parents) parent.kill('SIGKILL');
+      for (const pid of pids) await until(() => !alive(pid), 10_000, `server ${pid} to exit after its parent was killed`);
     } finally {
-      parent.kill('SIGKILL');
+      for (const parent of parents) parent.kill('SIGKILL');
     }
   });
 

@@ -3,8 +3,11 @@
  * mistral-src's main.py adds to the reference's greedy generate(), plus what users of llama.cpp and
  * Hugging Face expect.
  *
- *  - The prompt is prefilled as a whole, in forwards of `chunkSize` tokens through the rolling
- *    cache (main.py's chunk_size), never teacher-forced through decode steps.
+ *  - The prompt is prefilled in forwards of `chunkSize` tokens through the rolling cache (main.py's
+ *    chunk_size), never teacher-forced through decode steps. By default the chunks are as long as
+ *    a memory budget for one forward's attention scores allows (defaultChunkSize), so that a prompt
+ *    of any length runs in bounded memory; between two chunks the event loop runs (timers, a
+ *    server's other connections) and `signal` is checked, so an abort takes effect within a chunk.
  *  - Each new token is sampled (temperature, top-p, top-k, a seed: sampling.ts) or greedy at
  *    temperature 0; its logprob is log_softmax of the raw logits, as main.py records it.
  *  - It stops at EOS, after `maxTokens` new tokens, at a stop string (cut from the text, found in
@@ -37,7 +40,7 @@ export interface GenerateOptions extends Partial<SamplingOptions> {
   maxTokens: number;
   /** Stop when the generated text contains one of these; the text is cut before it. */
   stop?: string[];
-  /** Prefill the prompt in forwards of this many tokens (default: all of it in one forward). */
+  /** Prefill the prompt in forwards of this many tokens (default: defaultChunkSize(model.args)). */
   chunkSize?: number;
   /** Called with each piece of generated text as soon as it is final. */
   onText?: (text: string) => void;
@@ -98,6 +101,36 @@ export interface Completion {
 
 export class GenerationError extends RangeError {
   override name = 'GenerationError';
+}
+
+// ----------------------------------------------------------------------------------------------
+// How long a prefill forward may be
+
+/**
+ * The most bytes one prefill forward's attention scores may take. A forward of T tokens that
+ * continues a sequence attends to the W-1 cached positions before it and to itself: its scores are
+ * [nHeads, T, W-1+T] float32 per batch row, and the softmax, the mask and the scaled copy hold a few
+ * more tensors of that size while a layer runs. 128 MiB keeps the whole attention of a forward well
+ * under 1 GiB, inside wasm's 4 GiB beside Mistral 7B's low-memory weights and full cache.
+ */
+export const PREFILL_SCORES_BUDGET_BYTES = 128 * 2 ** 20;
+
+/**
+ * The longest default chunk, whatever the budget allows: past a few hundred tokens a forward costs
+ * more per token (its scores grow as T * (W-1+T)) and the event loop waits longer between chunks.
+ */
+export const MAX_PREFILL_CHUNK = 256;
+
+/**
+ * The default prefill chunk for a model: the largest T <= MAX_PREFILL_CHUNK whose scores
+ * nHeads * T * (W-1+T) * 4 bytes fit PREFILL_SCORES_BUDGET_BYTES (at least 1). Mistral 7B (32 heads,
+ * W 4096): 241 tokens; the storyteller and the tiny fixtures: MAX_PREFILL_CHUNK.
+ */
+export function defaultChunkSize(args: { nHeads: number; slidingWindow: number }): number {
+  const scoresBytes = (t: number): number => args.nHeads * t * (args.slidingWindow - 1 + t) * 4;
+  let t = MAX_PREFILL_CHUNK;
+  while (t > 1 && scoresBytes(t) > PREFILL_SCORES_BUDGET_BYTES) t--;
+  return t;
 }
 
 /**
@@ -196,19 +229,23 @@ const nextTick = (): Promise<void> => new Promise((resolve) => setImmediate(reso
 
 /**
  * One forward of `ids` at positions from `pos` on row 0. Returns the last position's logits [V],
- * and with `all` every position's logits [T * V].
+ * and with `all` every position's logits [T * V]. The values are read after tf.tidy, which would
+ * otherwise walk a returned typed array element by element looking for tensors.
  */
 function forwardRow(model: Transformer, ids: number[], pos: number, all: boolean): { last: Float32Array; rows?: Float32Array } {
-  return tf.tidy(() => {
-    const T = ids.length;
-    const logits = model.forward(tf.tensor2d([ids], [1, T], 'int32'), tf.range(pos, pos + T, 1, 'int32') as tf.Tensor1D); // [1, T, V]
-    if (all) {
-      const rows = logits.dataSync() as Float32Array;
-      const V = logits.shape[2];
-      return { last: rows.slice((T - 1) * V), rows };
-    }
-    return { last: tf.slice(logits, [0, T - 1, 0], [1, 1, -1]).dataSync() as Float32Array };
+  const T = ids.length;
+  const logits = tf.tidy(() => {
+    const out = model.forward(tf.tensor2d([ids], [1, T], 'int32'), tf.range(pos, pos + T, 1, 'int32') as tf.Tensor1D); // [1, T, V]
+    return all ? out : tf.slice(out, [0, T - 1, 0], [1, 1, -1]);
   });
+  try {
+    const values = logits.dataSync() as Float32Array;
+    if (!all) return { last: values };
+    const V = logits.shape[2];
+    return { last: values.slice((T - 1) * V), rows: values };
+  } finally {
+    logits.dispose();
+  }
 }
 
 async function generateOne(
@@ -224,7 +261,7 @@ async function generateOne(
     topK: opts.topK,
     seed: opts.seed,
   });
-  const chunkSize = opts.chunkSize ?? promptIds.length;
+  const chunkSize = opts.chunkSize ?? defaultChunkSize(model.args);
   let stepText = ''; // what the output released since the last step was reported
   const output = new TextOutput(opts.stop ?? [], (text) => {
     stepText += text;

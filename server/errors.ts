@@ -2,7 +2,8 @@
  * Errors in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with the status
  * OpenAI's API gives each: 400 for a bad request (malformed JSON, a missing or wrongly typed field,
  * a prompt too long for the model), 401 for a missing or wrong API key, 404 for an unknown model or
- * path, 413 for a body over the size limit, 500 for a failure of the server itself.
+ * path, 413 for a body over the size limit, 415 for a body that is not UTF-8 JSON, 429 when the
+ * queue is full, 500 for a failure of the server itself, 503 while the model loads.
  */
 import type { FastifyError, FastifyReply, FastifyRequest } from 'fastify';
 import { GenerationError } from '../generation/generate';
@@ -24,6 +25,8 @@ export class ApiError extends Error {
     readonly param: string | null = null,
     readonly code: string | null = null,
     readonly type: string = status >= 500 ? 'server_error' : 'invalid_request_error',
+    /** Headers to send with it (Retry-After for 429 and 503). */
+    readonly headers: Record<string, string> = {},
   ) {
     super(message);
   }
@@ -107,5 +110,6 @@ export function handleError(error: FastifyError | Error, request: FastifyRequest
     request.log.error(err);
     api = new ApiError(500, `The server had an error while processing your request: ${err.message.split('\n')[0]}`);
   }
-  void reply.code(api.status).type('application/json; charset=utf-8').send(api.toJSON());
+  if (reply.sent || reply.raw.destroyed) return; // a stream already under way, or a client gone
+  void reply.code(api.status).headers(api.headers).type('application/json; charset=utf-8').send(api.toJSON());
 }

@@ -69,7 +69,7 @@ export const CHAT_SCHEMA = {
         required: ['role', 'content'],
         properties: {
           role: { enum: ['system', 'developer', 'user', 'assistant'] },
-          content: { type: ['string', 'array'], items: TEXT_PART },
+          content: { type: ['string', 'array'], minItems: 1, items: TEXT_PART },
           name: { type: 'string' },
         },
       },

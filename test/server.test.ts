@@ -482,6 +482,29 @@ describe('serve: errors in OpenAI shape', () => {
 });
 
 describe('serve command', () => {
+  it('--max-queue, --timeout and --max-connections take effect; bad values are one-line errors naming the flag', async () => {
+    for (const [flag, value, message] of [
+      ['--max-queue', '0', '--max-queue must be an integer >= 1, got "0"'],
+      ['--timeout', '0', '--timeout must be an integer >= 1, got "0"'],
+      ['--timeout', '1e3', '--timeout must be an integer >= 1, got "1e3"'],
+      ['--timeout', '100000', '--timeout must be at most 86400 seconds, got "100000"'],
+      ['--max-connections', '-1', '--max-connections must be an integer >= 1, got "-1"'],
+    ]) {
+      await expect(startServe([TINY, '--port', '0', '--quiet', flag, value])).rejects.toThrow(message);
+    }
+    const server = await startServe([TINY, '--port', '0', '--quiet', '--max-queue', '3', '--timeout', '7', '--max-connections', '9']);
+    try {
+      expect(server!.host.maxQueue).toBe(3);
+      expect(server!.app.server.maxConnections).toBe(9);
+      expect(server!.app.server.requestTimeout).toBe(7000);
+      expect(server!.app.server.headersTimeout).toBe(7000);
+      expect(server!.app.server.keepAliveTimeout).toBe(7000);
+    } finally {
+      await server?.stop();
+    }
+  });
+
+
   it('binds to 127.0.0.1 by default and names the model after its folder', async () => {
     const server = await startServe([TINY, '--port', '0', '--quiet']);
     try {

@@ -1,15 +1,15 @@
 /**
- * Generated tokens as the server reports them: generation/generate.ts's run with its onToken hook
- * turned into OpenAI's per-token fields (the token, its text, its logprob and the top alternatives),
- * and each token id spelled as OpenAI's logprobs spell tokens.
+ * Runs one generation for a request: generation/generate.ts's runSequence from position 0 of a
+ * fresh sequence, with its onToken hook turned into OpenAI's per-token fields (the token, its text,
+ * its logprob and the top alternatives), and each token id spelled as OpenAI's logprobs spell tokens.
  *
- * The run goes through withModel() on the model, so it takes its turn in the same FIFO queue as
- * every other generation on that model, from position 0 of a fresh sequence.
+ * runGeneration() must run inside the request's turn on the model (server/model_host.ts), which
+ * takes its place in generation/'s withModel() queue.
  */
 import type { Transformer } from '../one_file_ref';
 import type { SentencePieceProcessor } from '../tokenizer';
 import { TokenizerError } from '../tokenizer/error';
-import { runSequence, withModel, type Completion, type GenerateOptions, type TokenStep } from '../generation/generate';
+import { runSequence, type Completion, type GenerateOptions, type TokenStep } from '../generation/generate';
 
 /** A token with its log probability, as the logprobs of a response list them. */
 export interface ScoredToken {
@@ -67,9 +67,10 @@ export function topLogprobs(row: Float32Array, k: number, nWords: number): Score
 
 /**
  * Generates a completion of `promptIds` from position 0, as complete() does, calling `onToken` for
- * each generated token (EOS included) as soon as its text is known.
+ * each generated token (EOS included) as soon as its text is known. Call it during the request's
+ * turn on the model: it does not queue.
  */
-export async function generateTokens(
+export async function runGeneration(
   model: Transformer,
   tokenizer: SentencePieceProcessor,
   promptIds: number[],
@@ -83,9 +84,7 @@ export async function generateTokens(
     tokens.push(token);
     onToken?.(token);
   };
-  const { completion } = await withModel(model, {}, () =>
-    runSequence(model, tokenizer, promptIds, { ...generateOpts, onToken: report }, { startPos: 0, context: context ?? promptIds }),
-  );
+  const { completion } = await runSequence(model, tokenizer, promptIds, { ...generateOpts, onToken: report }, { startPos: 0, context: context ?? promptIds });
   // The tokens' texts joined are the start of the completion's text: all of it unless aborted.
   const reported = tokens.reduce((n, t) => n + t.text.length, 0);
   return { completion, tokens, trailingText: completion.text.slice(reported) };

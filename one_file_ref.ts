@@ -21,26 +21,22 @@ import { SentencePieceProcessor } from './tokenizer';
 import { widen16 } from './checkpoint/dtypes';
 import type { RawTensor, WeightReader } from './checkpoint/types';
 import { backendMemoryLimit, explainBackendFailure, BackendError } from './runtime/backend';
+import { KVCache, SlotBook } from './model/kv_cache';
+import { checkForwardInputs, MAX_POSITIONS, ModelArgsError, validateParams } from './model/params';
+
+export { MAX_POSITIONS, ModelArgsError };
+
+/** What a forward tells each layer about the cache: earlier positions to attend to, slots to write. */
+export interface CacheStep {
+  /** How many positions right before this forward's first the cache holds and the tokens attend to (<= W-1). */
+  earlier: number;
+  /** The slots the last min(T, W) positions go to. */
+  slots: number[];
+  book: SlotBook;
+}
 
 // ----------------------------------------------------------------------------------------------
 // ModelArgs: the hyperparameters, read from params.json
-
-export class ModelArgsError extends Error {
-  override name = 'ModelArgsError';
-}
-
-/** params.json's fields, as the reference's dataclass names them, and whether each is an integer. */
-const PARAMS_FIELDS = {
-  dim: 'int',
-  n_layers: 'int',
-  head_dim: 'int',
-  hidden_dim: 'int',
-  n_heads: 'int',
-  n_kv_heads: 'int',
-  sliding_window: 'int',
-  norm_eps: 'float',
-  vocab_size: 'int',
-} as const;
 
 export class ModelArgs {
   constructor(
@@ -58,53 +54,10 @@ export class ModelArgs {
     public maxBatchSize: number = 0,
   ) {}
 
-  /** Validates a parsed params.json; `file` names it in errors. */
+  /** From a parsed params.json, validated (model/params.ts); `file` names it in errors. */
   static fromParams(params: unknown, file = 'params.json'): ModelArgs {
-    if (typeof params !== 'object' || params === null || Array.isArray(params)) {
-      throw new ModelArgsError(`${file}: expected a JSON object of model hyperparameters`);
-    }
-    const p = params as Record<string, unknown>;
-    const field = (name: string, kind: 'int' | 'float', fallback?: number): number => {
-      const v = p[name] ?? fallback;
-      if (v === undefined) throw new ModelArgsError(`${file}: missing field "${name}"`);
-      if (typeof v !== 'number' || !Number.isFinite(v)) {
-        throw new ModelArgsError(`${file}: field "${name}" must be a number, got ${JSON.stringify(v)}`);
-      }
-      if (kind === 'int' && !Number.isInteger(v)) {
-        throw new ModelArgsError(`${file}: field "${name}" must be an integer, got ${v}`);
-      }
-      if (v <= 0) throw new ModelArgsError(`${file}: field "${name}" must be positive, got ${v}`);
-      return v;
-    };
-    for (const key of Object.keys(p)) {
-      if (!(key in PARAMS_FIELDS) && key !== 'rope_theta') {
-        throw new ModelArgsError(
-          `${file}: unknown field "${key}" (Mistral 7B's fields are ${Object.keys(PARAMS_FIELDS).join(', ')}, rope_theta)`,
-        );
-      }
-    }
-    const f = PARAMS_FIELDS;
-    const args = new ModelArgs(
-      field('dim', f.dim),
-      field('n_layers', f.n_layers),
-      field('head_dim', f.head_dim),
-      field('hidden_dim', f.hidden_dim),
-      field('n_heads', f.n_heads),
-      field('n_kv_heads', f.n_kv_heads),
-      field('sliding_window', f.sliding_window),
-      field('norm_eps', f.norm_eps),
-      field('vocab_size', f.vocab_size),
-      field('rope_theta', 'float', 10000),
-    );
-    if (args.nHeads % args.nKvHeads !== 0) {
-      throw new ModelArgsError(
-        `${file}: field "n_heads" (${args.nHeads}) must be a multiple of "n_kv_heads" (${args.nKvHeads})`,
-      );
-    }
-    if (args.headDim % 2 !== 0) {
-      throw new ModelArgsError(`${file}: field "head_dim" must be even for rotary embeddings, got ${args.headDim}`);
-    }
-    return args;
+    const p = validateParams(params, file);
+    return new ModelArgs(p.dim, p.n_layers, p.head_dim, p.hidden_dim, p.n_heads, p.n_kv_heads, p.sliding_window, p.norm_eps, p.vocab_size, p.rope_theta);
   }
 }
 
@@ -143,14 +96,23 @@ export interface FreqsCis {
 }
 
 export function precomputeFreqsCis(dim: number, end: number, theta = 10000.0): FreqsCis {
-  return tf.tidy(() => {
-    // freqs[i] = 1 / theta^(2i/dim): [dim/2]
-    const freqs: tf.Tensor1D = tf.div(1.0, tf.pow(theta, tf.div(tf.range(0, dim, 2, 'float32'), dim)));
-    // angles[t, i] = t * freqs[i]: [end, dim/2]
-    const t = tf.range(0, end, 1, 'float32');
-    const angles = tf.outerProduct(t, freqs);
-    return { cos: tf.cos(angles) as tf.Tensor2D, sin: tf.sin(angles) as tf.Tensor2D };
-  });
+  // Built on the host exactly as torch builds it in float32: freqs[i] = 1 / theta^(2i/dim), each
+  // step rounded to float32, and angles[t, i] = fround(t * freqs[i]). These are the reference's
+  // angles bit for bit at every position (its own rounding reaches 7.5e-3 rad at position 127,990
+  // for head_dim 128 against exact angles; reproducing it keeps parity at large positions), and
+  // cos and sin of them are within one float32 ulp of torch.polar's.
+  const half = dim / 2;
+  const freqs = Float64Array.from({ length: half }, (_, i) => Math.fround(1 / Math.fround(Math.pow(theta, Math.fround((2 * i) / dim)))));
+  const cos = new Float32Array(end * half);
+  const sin = new Float32Array(end * half);
+  for (let t = 0; t < end; t++) {
+    for (let i = 0; i < half; i++) {
+      const angle = Math.fround(t * freqs[i]); // angles[t, i]: [end, dim/2]
+      cos[t * half + i] = Math.cos(angle);
+      sin[t * half + i] = Math.sin(angle);
+    }
+  }
+  return { cos: tf.tensor2d(cos, [end, half]), sin: tf.tensor2d(sin, [end, half]) };
 }
 
 export function applyRotaryEmb(
@@ -255,12 +217,6 @@ function weight(stateDict: StateDict, name: string): Weight {
   return w;
 }
 
-/** Swaps a long-lived tensor for its new value: frees the old one, keeps the new one out of tf.tidy. */
-function replace<T extends tf.Tensor>(old: T, next: T): T {
-  old.dispose();
-  return tf.keep(next);
-}
-
 /**
  * nn.Linear without bias: y = x W^T, with W stored as torch stores it, [out, in].
  *
@@ -296,11 +252,8 @@ export class Attention {
   readonly wk: Weight; // [K*d, D]
   readonly wv: Weight; // [K*d, D]
   readonly wo: Weight; // [D, H*d]
-  // The cache is a rotating buffer: position p lives in slot p % W. cacheK, cacheV: [maxBatchSize, S, K, d].
-  // The reference allocates all S = W slots up front; here the buffer grows with the positions seen,
-  // up to W (same results; memory for only what is used: Mistral 7B's full window is 1 GiB per row).
-  cacheK: tf.Tensor4D;
-  cacheV: tf.Tensor4D;
+  // The cache is a rotating buffer: position p lives in slot p % W (see model/kv_cache.ts).
+  readonly cache: KVCache;
 
   constructor(
     readonly args: ModelArgs,
@@ -317,18 +270,21 @@ export class Attention {
     this.wk = weight(stateDict, `${prefix}.wk.weight`);
     this.wv = weight(stateDict, `${prefix}.wv.weight`);
     this.wo = weight(stateDict, `${prefix}.wo.weight`);
-    this.cacheK = tf.zeros([args.maxBatchSize, 0, this.nKvHeads, args.headDim]);
-    this.cacheV = tf.zeros([args.maxBatchSize, 0, this.nKvHeads, args.headDim]);
+    this.cache = new KVCache(args.maxBatchSize, this.nKvHeads, args.headDim);
   }
 
-  /** Makes room for positions up to `lastPos`: the cache doubles as needed, up to W slots. */
-  private growCache(lastPos: number): void {
-    const slots = this.cacheK.shape[1];
-    if (lastPos < slots || slots === this.slidingWindow) return;
-    const grown = Math.min(this.slidingWindow, Math.max(lastPos + 1, 2 * slots));
-    const padding: [number, number][] = [[0, 0], [0, grown - slots], [0, 0], [0, 0]];
-    this.cacheK = replace(this.cacheK, tf.pad(this.cacheK, padding));
-    this.cacheV = replace(this.cacheV, tf.pad(this.cacheV, padding));
+  /** The keys cached so far: [maxBatchSize, slots, K, d] (for tests and the benchmark). */
+  get cacheK(): tf.Tensor4D {
+    return this.cache.k;
+  }
+  set cacheK(t: tf.Tensor4D) {
+    this.cache.k = t;
+  }
+  get cacheV(): tf.Tensor4D {
+    return this.cache.v;
+  }
+  set cacheV(t: tf.Tensor4D) {
+    this.cache.v = t;
   }
 
   forward(
@@ -336,6 +292,7 @@ export class Attention {
     freqsCis: FreqsCis, // [T, d/2] each
     positions: number[], // [T], the absolute positions of this forward's tokens
     mask: tf.Tensor2D | null, // [T, C], or null for a single token
+    step: CacheStep,
   ): tf.Tensor3D {
     return tf.tidy(() => {
       const [bsz, seqlen] = x.shape;
@@ -347,45 +304,38 @@ export class Attention {
       const xv = tf.reshape(linear(x, this.wv), [bsz, seqlen, this.nKvHeads, headDim]) as tf.Tensor4D;
       [xq, xk] = applyRotaryEmb(xq, xk, freqsCis);
 
-      // The cache is a rotating buffer: write the last W positions of this forward into their slots.
+      // The cache is a rotating buffer: the last W positions of this forward go to slots p % W.
+      // Not in one_file_ref.py, whose prefill always starts a sequence: a chunk that continues one
+      // (chunked prefill, a chat turn) also attends to the `earlier` positions before it that the
+      // cache holds (at most W-1; counted once per forward by the SlotBook), read before this chunk
+      // overwrites their slots. A fresh sequence, at position 0 or any other, has none.
       const W = this.slidingWindow;
-      const kept = Math.min(seqlen, W);
-      const slots = positions.slice(seqlen - kept).map((p) => p % W); // [kept]
-      // scatterPos: [B, kept, 2], pairs (batch row, slot)
-      const scatterPos = tf.tensor3d(
-        Array.from({ length: bsz }, (_, b) => slots.flatMap((s) => [b, s])).flat(),
-        [bsz, kept, 2],
-        'int32',
+      const { earlier, slots, book } = step;
+      const [earlierK, earlierV] = seqlen > 1 && earlier > 0 ? this.cache.read(bsz, book.slot(positions[0] - earlier), earlier) : [null, null];
+      const kept = slots.length; // min(T, W)
+      this.cache.grow(book.size, W);
+      this.cache.write(
+        slots,
+        kept === seqlen ? xk : tf.slice(xk, [0, seqlen - kept], [bsz, kept]), // [B, kept, K, d]
+        kept === seqlen ? xv : tf.slice(xv, [0, seqlen - kept], [bsz, kept]),
       );
-      const lastK = kept === seqlen ? xk : tf.slice(xk, [0, seqlen - kept], [bsz, kept]); // [B, kept, K, d]
-      const lastV = kept === seqlen ? xv : tf.slice(xv, [0, seqlen - kept], [bsz, kept]);
-      // Not in one_file_ref.py, whose prefill always starts at position 0: a chunk that continues a
-      // sequence (main.py's chunked prefill, a chat turn) also attends to the W-1 positions before
-      // it, read from the cache before this chunk overwrites their slots.
-      const previous = seqlen > 1 ? Math.min(W - 1, positions[0]) : 0;
-      const previousSlots = Array.from({ length: previous }, (_, i) => (positions[0] - previous + i) % W);
-      const readPrevious = (cache: tf.Tensor4D): tf.Tensor4D =>
-        tf.gather(tf.slice(cache, [0, 0], [bsz, -1]), tf.tensor1d(previousSlots, 'int32'), 1); // [B, previous, K, d]
-      const previousK = previous > 0 ? readPrevious(this.cacheK) : null;
-      const previousV = previous > 0 ? readPrevious(this.cacheV) : null;
-      this.growCache(positions[seqlen - 1]);
-      this.cacheK = replace(this.cacheK, tf.tensorScatterUpdate(this.cacheK, scatterPos, lastK));
-      this.cacheV = replace(this.cacheV, tf.tensorScatterUpdate(this.cacheV, scatterPos, lastV));
 
       let keys: tf.Tensor4D; // [B, C, K, d]
       let values: tf.Tensor4D;
       if (positions.length > 1) {
-        // prefill: attend within this forward's tokens (after the previous ones, if any); the mask
+        // prefill: attend within this forward's tokens (after the earlier ones, if any); the mask
         // keeps it causal and windowed.
-        keys = previousK ? tf.concat([previousK, xk], 1) : xk; // [B, previous + T, K, d]
-        values = previousV ? tf.concat([previousV, xv], 1) : xv;
+        keys = earlierK ? tf.concat([earlierK, xk], 1) : xk; // [B, earlier + T, K, d]
+        values = earlierV ? tf.concat([earlierV, xv], 1) : xv;
       } else {
-        // decode: attend to every filled slot of the cache (at most W: the token itself and the
-        // W-1 before it). Their order in the buffer does not matter: attention is a weighted sum
-        // and the rotary embedding already carries each key's position.
-        const curPos = Math.min(positions[positions.length - 1] + 1, W);
-        keys = tf.slice(this.cacheK, [0, 0], [bsz, curPos]) as tf.Tensor4D; // [B, C, K, d]
-        values = tf.slice(this.cacheV, [0, 0], [bsz, curPos]) as tf.Tensor4D;
+        // decode: attend to the token and the `earlier` positions before it, C = earlier + 1 <= W.
+        // Their order does not matter (no mask; the rotary embedding already carries each key's
+        // position): a full window or a sequence from slot 0 is read in slot order, as one slice.
+        const count = earlier + 1;
+        const first = book.slot(positions[0] - earlier);
+        [keys, values] = count === this.cache.k.shape[1] || first === 0
+          ? [tf.slice(this.cache.k, [0, 0], [bsz, count]), tf.slice(this.cache.v, [0, 0], [bsz, count])]
+          : this.cache.read(bsz, first, count);
       }
 
       // Grouped-query attention. The reference copies each key/value head for its `repeats` query
@@ -408,8 +358,7 @@ export class Attention {
   }
 
   dispose(): void {
-    this.cacheK.dispose();
-    this.cacheV.dispose();
+    this.cache.dispose();
   }
 }
 
@@ -469,9 +418,9 @@ export class TransformerBlock {
     this.ffnNorm = new RMSNorm(weight(stateDict, `${prefix}.ffn_norm.weight`), args.normEps);
   }
 
-  forward(x: tf.Tensor3D, freqsCis: FreqsCis, positions: number[], mask: tf.Tensor2D | null): tf.Tensor3D {
+  forward(x: tf.Tensor3D, freqsCis: FreqsCis, positions: number[], mask: tf.Tensor2D | null, step: CacheStep): tf.Tensor3D {
     return tf.tidy(() => {
-      const h = tf.add(x, this.attention.forward(this.attentionNorm.forward(x), freqsCis, positions, mask));
+      const h = tf.add(x, this.attention.forward(this.attentionNorm.forward(x), freqsCis, positions, mask, step));
       return tf.add(h, this.feedForward.forward(this.ffnNorm.forward(h as tf.Tensor3D))) as tf.Tensor3D;
     });
   }
@@ -479,9 +428,6 @@ export class TransformerBlock {
 
 // ----------------------------------------------------------------------------------------------
 // Transformer: embeddings, the blocks, a final norm and the output projection
-
-/** How many positions the rotary table covers, as in the reference. */
-export const MAX_POSITIONS = 128_000;
 
 /** Every weight of consolidated.00.pth with its shape, as the reference's modules declare them. */
 export function stateDictShapes(args: ModelArgs): Map<string, number[]> {
@@ -532,6 +478,8 @@ export class Transformer {
   readonly norm: RMSNorm;
   readonly output: Weight; // [V, D]
   readonly freqsCis: FreqsCis; // [MAX_POSITIONS, d/2] each
+  /** Which position each cache slot holds, for every layer's cache (they are written together). */
+  book: SlotBook;
 
   constructor(
     readonly args: ModelArgs,
@@ -544,6 +492,7 @@ export class Transformer {
     this.norm = new RMSNorm(weight(stateDict, 'norm.weight'), args.normEps);
     this.output = weight(stateDict, 'output.weight');
     this.freqsCis = precomputeFreqsCis(args.headDim, MAX_POSITIONS, args.ropeTheta);
+    this.book = new SlotBook(args.slidingWindow);
   }
 
   /**
@@ -554,7 +503,11 @@ export class Transformer {
   forward(inputIds: tf.Tensor2D, positions: tf.Tensor1D): tf.Tensor3D {
     const seqlen = inputIds.shape[1];
     const pos = Array.from(positions.dataSync());
-    checkForwardInputs(this.args, inputIds, pos);
+    checkForwardInputs(this.args, inputIds.shape, inputIds.dataSync(), pos);
+    // How many positions right before pos[0] the cache holds (0 for a fresh sequence wherever it
+    // starts): counted once, for the mask and every layer's keys; then the slots this forward fills.
+    const earlier = this.book.earlierKeys(pos[0]);
+    const step: CacheStep = { earlier, slots: this.book.write(pos), book: this.book };
     try {
       return tf.tidy(() => {
         let h = tf.gather(this.tokEmbeddings.tensor(), inputIds) as tf.Tensor3D; // [B, T, D]
@@ -570,14 +523,12 @@ export class Transformer {
           // of W slots holds. (The reference's prefill mask, triu(tril(ones), diagonal=-W), lets
           // it see W+1 keys, i-W .. i, disagreeing with its own cache; its xformers path
           // make_local_attention(W) and Hugging Face's port use W keys, as we do.)
-          // The keys are this forward's tokens, after the W-1 cached positions before them when it
-          // continues a sequence (none for a prefill from position 0).
-          const previous = Math.min(this.args.slidingWindow - 1, pos[0]);
-          mask = slidingWindowMask(pos, pos[0] - previous, this.args.slidingWindow); // [T, previous + T]
+          // The keys are this forward's tokens, after the `earlier` cached positions before them.
+          mask = slidingWindowMask(pos, pos[0] - earlier, this.args.slidingWindow); // [T, earlier + T]
         }
 
         for (const layer of this.layers) {
-          h = layer.forward(h, freqsCis, pos, mask);
+          h = layer.forward(h, freqsCis, pos, mask, step);
         }
         return linear(this.norm.forward(h), this.output) as tf.Tensor3D; // [B, T, V]
       });
@@ -718,24 +669,6 @@ function checkStateDict(
   for (const name of found.keys()) {
     if (!expected.has(name)) {
       throw new CheckpointMismatchError(`${file}: unexpected weight "${name}" (not in a model of this params.json)`);
-    }
-  }
-}
-
-function checkForwardInputs(args: ModelArgs, inputIds: tf.Tensor2D, positions: number[]): void {
-  const [bsz, seqlen] = inputIds.shape;
-  if (bsz > args.maxBatchSize) {
-    throw new RangeError(`batch of ${bsz} rows exceeds maxBatchSize ${args.maxBatchSize}`);
-  }
-  if (positions.length !== seqlen) {
-    throw new RangeError(`positions has ${positions.length} entries for ${seqlen} tokens`);
-  }
-  if (positions.some((p) => !Number.isInteger(p) || p < 0 || p >= MAX_POSITIONS)) {
-    throw new RangeError(`positions must be integers in [0, ${MAX_POSITIONS})`);
-  }
-  for (const id of inputIds.dataSync()) {
-    if (!Number.isInteger(id) || id < 0 || id >= args.vocabSize) {
-      throw new RangeError(`token id ${id} is outside the vocabulary [0, ${args.vocabSize})`);
     }
   }
 }

@@ -1,4 +1,5 @@
 /** Test helpers: a checkpoint's weights under other hyperparameters that do not change its tensors. */
+import * as tf from '@tensorflow/tfjs-core';
 import { ModelArgs, Transformer } from '../one_file_ref';
 
 /**
@@ -15,4 +16,17 @@ export function withWindow(base: Transformer, slidingWindow: number, maxBatchSiz
 /** Frees the KV caches of a model made by withWindow(). */
 export function disposeCaches(model: Transformer): void {
   for (const layer of model.layers) layer.attention.dispose();
+}
+
+/**
+ * The values of a tensor made by `f`, read back after tf.tidy has freed everything else. (Returning
+ * dataSync()'s array from inside tf.tidy makes tidy walk every element looking for tensors.)
+ */
+export function readBack(f: () => tf.Tensor): Float32Array {
+  const t = tf.tidy(f);
+  try {
+    return t.dataSync() as Float32Array;
+  } finally {
+    t.dispose();
+  }
 }

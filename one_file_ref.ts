@@ -22,9 +22,11 @@ import { widen16 } from './checkpoint/dtypes';
 import type { RawTensor, WeightReader } from './checkpoint/types';
 import { backendMemoryLimit, explainBackendFailure, BackendError } from './runtime/backend';
 import { KVCache, SlotBook } from './model/kv_cache';
+import { chunkRanges, prefillChunkLength } from './model/prefill';
 import { checkForwardInputs, MAX_POSITIONS, ModelArgsError, validateParams } from './model/params';
 
 export { MAX_POSITIONS, ModelArgsError };
+export { prefillChunkLength };
 
 /** What a forward tells each layer about the cache: earlier positions to attend to, slots to write. */
 export interface CacheStep {
@@ -727,6 +729,19 @@ export interface GenerateResult {
 }
 
 /**
+ * The values of a tensor made in `make`, read back after tf.tidy has freed the rest. (An array
+ * returned from inside tf.tidy is walked element by element, looking for tensors.)
+ */
+export function readBack(make: () => tf.Tensor): Float32Array | Int32Array | Uint8Array {
+  const t = tf.tidy(make);
+  try {
+    return t.dataSync() as Float32Array | Int32Array | Uint8Array;
+  } finally {
+    t.dispose();
+  }
+}
+
+/**
  * The reference's generate(): prefill every row with the shortest prompt's length, then take
  * maxTokens single-token steps. At each step a row whose prompt is not used up is fed its own
  * next prompt token (teacher forcing); the others get the greedy argmax.
@@ -736,6 +751,8 @@ export async function generate(
   model: Transformer,
   tokenizer: Tokenizer,
   maxTokens: number,
+  /** Prefill chunk length: by default the longest whose scores fit model/prefill.ts's budget. */
+  chunkLength = prefillChunkLength(model.args, prompts.length),
 ): Promise<GenerateResult> {
   const encodedPrompts = prompts.map((p) => tokenizer.encode(p));
   const promptLens = encodedPrompts.map((x) => x.length);
@@ -750,19 +767,26 @@ export async function generate(
   const inputTokens = encodedPrompts.map((x) => [...x, ...new Array<number>(maxPromptLen - x.length).fill(tokenizer.padId)]);
   const inputMask = inputTokens.map((row) => row.map((id) => id !== tokenizer.padId));
 
-  // pre-fill: logprobs [B, minPromptLen, V]
-  let logprobs = tf.tidy(() => {
-    const prefill = tf.tensor2d(inputTokens.map((row) => row.slice(0, minPromptLen)), [bsz, minPromptLen], 'int32');
-    return tf.logSoftmax(model.forward(prefill, tf.range(0, minPromptLen, 1, 'int32') as tf.Tensor1D), -1);
-  });
-
-  // The logprob of each prompt token given the ones before it, gathered on the backend (reading
-  // back all of [B, T, V] costs more than the forward): logprobs[b, t, inputTokens[b][t + 1]], [B, T - 1]
-  const promptIndices = inputTokens.flatMap((row, b) => row.slice(1, minPromptLen).map((id, t) => [b, t, id]));
-  const promptLogprobs = promptIndices.length
-    ? tf.tidy(() => tf.gatherND(logprobs, tf.tensor2d(promptIndices, [promptIndices.length, 3], 'int32')).dataSync())
-    : new Float32Array(0);
-  const allLogprobs = inputTokens.map((_, b) => Array.from(promptLogprobs.subarray(b * (minPromptLen - 1), (b + 1) * (minPromptLen - 1))));
+  // pre-fill, in chunks that bound the attention scores' memory (model/prefill.ts; the same logits
+  // as one forward). Each prompt token's logprob given the ones before it is gathered on the backend
+  // chunk by chunk (reading back all of [B, T, V] costs more than the forward):
+  // logprobs[b, t, inputTokens[b][t + 1]] for t < minPromptLen - 1. logprobs: [B, chunk, V].
+  const allLogprobs: number[][] = inputTokens.map(() => []);
+  let logprobs: tf.Tensor | null = null;
+  for (const [from, to] of chunkRanges(minPromptLen, chunkLength)) {
+    logprobs?.dispose();
+    logprobs = tf.tidy((): tf.Tensor => {
+      const ids = tf.tensor2d(inputTokens.map((row) => row.slice(from, to)), [bsz, to - from], 'int32');
+      return tf.logSoftmax(model.forward(ids, tf.range(from, to, 1, 'int32') as tf.Tensor1D), -1);
+    });
+    const next = Math.min(to, minPromptLen - 1) - from; // positions of this chunk whose next token is in the prompt
+    if (next <= 0) continue;
+    const indices = inputTokens.flatMap((row, b) => row.slice(from + 1, from + 1 + next).map((id, t) => [b, t, id]));
+    const chunkLogprobs = logprobs;
+    const chosen = readBack(() => tf.gatherND(chunkLogprobs, tf.tensor2d(indices, [indices.length, 3], 'int32')));
+    allLogprobs.forEach((row, b) => chosen.subarray(b * next, (b + 1) * next).forEach((x) => row.push(x)));
+  }
+  if (logprobs === null) throw new RangeError('generate() needs prompts of at least one token');
 
   // decode
   const generated: number[][] = inputTokens.map(() => []);
@@ -770,14 +794,15 @@ export async function generate(
   for (let step = 0; step < maxTokens; step++) {
     // lastLogprobs: [B, V], the distribution over the token at curPos; only the argmax and the
     // chosen token's logprob of each row are read back.
-    const lastLogprobs = tf.tidy(() => tf.reshape(tf.slice(logprobs, [0, logprobs.shape[1] - 1, 0], [bsz, 1, -1]), [bsz, -1]));
-    const best = tf.tidy(() => Array.from(tf.argMax(lastLogprobs, -1).dataSync())); // the first maximum, as torch.argmax
+    const last: tf.Tensor = logprobs;
+    const lastLogprobs: tf.Tensor = tf.tidy(() => tf.reshape(tf.slice(last, [0, (last.shape[1] as number) - 1, 0], [bsz, 1, -1]), [bsz, -1]));
+    const best = Array.from(readBack(() => tf.argMax(lastLogprobs, -1))); // the first maximum, as torch.argmax
     const nextToken = best.map((id, b) => {
       // Teacher forcing: a row still inside its prompt is fed its own token, not the argmax.
       if (curPos < maxPromptLen && inputMask[b][curPos]) return inputTokens[b][curPos];
       return id;
     });
-    const chosen = tf.tidy(() => tf.gatherND(lastLogprobs, tf.tensor2d(nextToken.map((id, b) => [b, id]), [bsz, 2], 'int32')).dataSync());
+    const chosen = readBack(() => tf.gatherND(lastLogprobs, tf.tensor2d(nextToken.map((id, b) => [b, id]), [bsz, 2], 'int32')));
     lastLogprobs.dispose();
     nextToken.forEach((id, b) => {
       allLogprobs[b].push(chosen[b]);
@@ -785,7 +810,7 @@ export async function generate(
     });
     logprobs.dispose();
     // As in the reference, the last step's forward runs too, though nothing reads its logits.
-    logprobs = tf.tidy(() =>
+    logprobs = tf.tidy((): tf.Tensor =>
       tf.logSoftmax(model.forward(tf.tensor2d(nextToken, [bsz, 1], 'int32'), tf.tensor1d([curPos], 'int32')), -1),
     );
     curPos += 1;

@@ -7,13 +7,14 @@ import * as path from 'path';
 import { describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
 import { ModelArgs, residentBytes, Transformer } from '../one_file_ref';
+import { readBack } from './models';
 
 const TINY = path.resolve(__dirname, '..', 'fixtures', 'tiny');
 
 function logits(model: Transformer, ids: number[][]): Float32Array {
-  return tf.tidy(() => {
+  return readBack(() => {
     const input = tf.tensor2d(ids, [ids.length, ids[0].length], 'int32');
-    return model.forward(input, tf.range(0, ids[0].length, 1, 'int32') as tf.Tensor1D).dataSync() as Float32Array;
+    return model.forward(input, tf.range(0, ids[0].length, 1, 'int32') as tf.Tensor1D);
   });
 }
 
@@ -34,7 +35,7 @@ describe('low-memory mode', () => {
       // decode steps too
       for (let t = 12; t < 20; t++) {
         const step = (m: Transformer): Float32Array =>
-          tf.tidy(() => m.forward(tf.tensor2d([[t], [t + 1]], [2, 1], 'int32'), tf.tensor1d([t], 'int32')).dataSync() as Float32Array);
+          readBack(() => m.forward(tf.tensor2d([[t], [t + 1]], [2, 1], 'int32'), tf.tensor1d([t], 'int32')));
         expect(Array.from(step(low))).toEqual(Array.from(step(resident)));
       }
       expect(tf.memory().numTensors).toBe(before);

@@ -10,7 +10,8 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
-import { ModelArgs, Transformer } from '../one_file_ref';
+import { ModelArgs, readBack, Transformer } from '../one_file_ref';
+
 
 const TINY = path.resolve(__dirname, '..', 'fixtures', 'tiny');
 const PARAMS = JSON.parse(fs.readFileSync(path.join(TINY, 'params.json'), 'utf8')) as {
@@ -24,11 +25,11 @@ const W = PARAMS.sliding_window;
 
 /** One greedy step for every row; only the ids are read back. */
 function step(model: Transformer, ids: number[][], start: number): number[] {
-  return tf.tidy(() => {
+  return Array.from(readBack(() => {
     const [bsz, seqlen] = [ids.length, ids[0].length];
     const logits = model.forward(tf.tensor2d(ids, [bsz, seqlen], 'int32'), tf.range(start, start + seqlen, 1, 'int32') as tf.Tensor1D);
-    return Array.from(tf.argMax(tf.reshape(tf.slice(logits, [0, seqlen - 1, 0], [bsz, 1, -1]), [bsz, -1]), -1).dataSync());
-  });
+    return tf.argMax(tf.reshape(tf.slice(logits, [0, seqlen - 1, 0], [bsz, 1, -1]), [bsz, -1]), -1);
+  }));
 }
 
 function cacheShapes(model: Transformer): number[][] {

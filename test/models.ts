@@ -23,7 +23,7 @@ export function disposeCaches(model: Transformer): void {
  * dataSync()'s array from inside tf.tidy makes tidy walk every element looking for tensors.)
  */
 export function readBack(f: () => tf.Tensor): Float32Array {
-  const t = tf.tidy(f);
+  const t = tf.tidy(f); // a float32 tensor
   try {
     return t.dataSync() as Float32Array;
   } finally {

@@ -11,7 +11,7 @@ import * as path from 'path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
 import { generate, Tokenizer, Transformer } from '../one_file_ref';
-import { disposeCaches, withWindow } from './models';
+import { disposeCaches, readBack, withWindow } from './models';
 
 const TINY = path.resolve(__dirname, '..', 'fixtures', 'tiny');
 
@@ -31,9 +31,9 @@ function logitsWithPrefill(model: Transformer, ids: number[][], prefill: number)
   const vocab = model.args.vocabSize;
   const out = new Float32Array(bsz * seqlen * vocab);
   const run = (from: number, to: number): void => {
-    const chunk = tf.tidy(() => {
+    const chunk = readBack(() => {
       const input = tf.tensor2d(ids.map((r) => r.slice(from, to)), [bsz, to - from], 'int32');
-      return model.forward(input, tf.range(from, to, 1, 'int32') as tf.Tensor1D).dataSync();
+      return model.forward(input, tf.range(from, to, 1, 'int32') as tf.Tensor1D);
     });
     const width = (to - from) * vocab;
     for (let b = 0; b < bsz; b++) out.set(chunk.subarray(b * width, (b + 1) * width), (b * seqlen + from) * vocab);
@@ -51,9 +51,9 @@ function logitsInChunks(model: Transformer, ids: number[][], chunk: number): Flo
   const out = new Float32Array(bsz * seqlen * vocab);
   for (let from = 0; from < seqlen; from += chunk) {
     const to = Math.min(seqlen, from + chunk);
-    const logits = tf.tidy(() => {
+    const logits = readBack(() => {
       const input = tf.tensor2d(ids.map((r) => r.slice(from, to)), [bsz, to - from], 'int32');
-      return model.forward(input, tf.range(from, to, 1, 'int32') as tf.Tensor1D).dataSync();
+      return model.forward(input, tf.range(from, to, 1, 'int32') as tf.Tensor1D);
     });
     const width = (to - from) * vocab;
     for (let b = 0; b < bsz; b++) out.set(logits.subarray(b * width, (b + 1) * width), (b * seqlen + from) * vocab);

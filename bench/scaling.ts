@@ -37,13 +37,13 @@ export interface ScalingResult {
 type Caches = { tensors: (readonly [tf.Tensor4D, tf.Tensor4D])[]; book: Transformer['book'] };
 
 function snapshot(model: Transformer): Caches {
-  return { tensors: model.layers.map((l) => [tf.clone(l.attention.cacheK), tf.clone(l.attention.cacheV)] as const), book: model.book.copy() };
+  return { tensors: model.layers.map((l) => [tf.clone(l.attention.cache.k), tf.clone(l.attention.cache.v)] as const), book: model.book.copy() };
 }
 
 function restore(model: Transformer, saved: Caches): void {
   model.layers.forEach((l, i) => {
     l.attention.dispose();
-    [l.attention.cacheK, l.attention.cacheV] = saved.tensors[i];
+    [l.attention.cache.k, l.attention.cache.v] = saved.tensors[i];
   });
   model.book = saved.book;
 }

@@ -82,18 +82,18 @@ export class KVCache {
     this.v = tf.zeros([maxBatchSize, 0, nKvHeads, headDim]);
   }
 
-  /** Makes room for `slots` slots: the buffers double as needed, up to `window`. */
-  grow(slots: number, window: number): void {
+  /**
+   * cache[b, slots[i]] = x[b, i] for the first B rows (the reference's scatter_ on dim 1), after
+   * making room: the buffers grow to the slots the book has seen, doubling, up to W.
+   */
+  write(book: SlotBook, slots: readonly number[], xk: tf.Tensor4D, xv: tf.Tensor4D): void {
     const have = this.k.shape[1];
-    if (slots <= have) return;
-    const grown = Math.min(window, Math.max(slots, 2 * have));
-    const padding: [number, number][] = [[0, 0], [0, grown - have], [0, 0], [0, 0]];
-    this.k = replace(this.k, tf.pad(this.k, padding));
-    this.v = replace(this.v, tf.pad(this.v, padding));
-  }
-
-  /** cache[b, slots[i]] = x[b, i] for the first B rows: the reference's scatter_ on dim 1. */
-  write(slots: readonly number[], xk: tf.Tensor4D, xv: tf.Tensor4D): void {
+    if (book.size > have) {
+      const grown = Math.min(book.window, Math.max(book.size, 2 * have));
+      const padding: [number, number][] = [[0, 0], [0, grown - have], [0, 0], [0, 0]];
+      this.k = replace(this.k, tf.pad(this.k, padding));
+      this.v = replace(this.v, tf.pad(this.v, padding));
+    }
     const bsz = xk.shape[0];
     const pairs = tf.tidy(() => tf.tensor3d(Array.from({ length: bsz }, (_, b) => slots.flatMap((s) => [b, s])).flat(), [bsz, slots.length, 2], 'int32'));
     const k = tf.tensorScatterUpdate(this.k, pairs, xk);
@@ -104,16 +104,19 @@ export class KVCache {
   }
 
   /**
-   * The keys and values of `count` positions from `first` on, in position order, for the first
-   * `bsz` rows: [bsz, count, K, d] each. One slice, or two when the positions wrap past the last slot.
+   * The keys and values of the `count` positions from `from` on, for the first `bsz` rows: [bsz,
+   * count, K, d] each, in position order (one slice, or two when they wrap past the last slot).
+   * With `anyOrder` (a decode step: no mask, so the order of the keys does not matter), a full
+   * buffer or a run from slot 0 is one slice in slot order.
    */
-  read(bsz: number, firstSlot: number, count: number): [tf.Tensor4D, tf.Tensor4D] {
+  read(bsz: number, book: SlotBook, from: number, count: number, anyOrder = false): [tf.Tensor4D, tf.Tensor4D] {
+    const size = this.k.shape[1];
+    const first = anyOrder && count === size ? 0 : book.slot(from);
     const take = (cache: tf.Tensor4D): tf.Tensor4D =>
       tf.tidy(() => {
-        const size = cache.shape[1];
-        if (firstSlot + count <= size) return tf.slice(cache, [0, firstSlot], [bsz, count]);
-        const head = tf.slice(cache, [0, firstSlot], [bsz, size - firstSlot]);
-        return tf.concat([head, tf.slice(cache, [0, 0], [bsz, count - (size - firstSlot)])], 1);
+        if (first + count <= size) return tf.slice(cache, [0, first], [bsz, count]);
+        const head = tf.slice(cache, [0, first], [bsz, size - first]);
+        return tf.concat([head, tf.slice(cache, [0, 0], [bsz, count - (size - first)])], 1);
       });
     return [take(this.k), take(this.v)];
   }
@@ -122,4 +125,13 @@ export class KVCache {
     this.k.dispose();
     this.v.dispose();
   }
+}
+
+/** What a forward tells each layer about the cache: earlier positions to attend to, slots to write. */
+export interface CacheStep {
+  /** How many positions right before this forward's first the cache holds and its tokens attend to (<= W-1). */
+  readonly earlier: number;
+  /** The slots the last min(T, W) positions go to. */
+  readonly slots: number[];
+  readonly book: SlotBook;
 }

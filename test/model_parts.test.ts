@@ -8,8 +8,7 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { applyRotaryEmb, ModelArgs, ModelArgsError, precomputeFreqsCis, repeatKV, RMSNorm, Transformer, Weight } from '../one_file_ref';
-
-const TINY = path.resolve(__dirname, '..', 'fixtures', 'tiny');
+import { TINY } from './models';
 
 function seeded(n: number, seed: number): number[] {
   // A small LCG: deterministic inputs without a dependency.

@@ -13,12 +13,12 @@ import * as path from 'path';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
 import { generate, Tokenizer, Transformer } from '../one_file_ref';
+import { TINY, tinyModelAndTokenizer } from './models';
 import { prefillChunkLength, PREFILL_SCORES_BUDGET_BYTES } from '../model/prefill';
 import { logitsCommand } from '../cli/logits';
 import { readNpy } from '../checkpoint/npy';
 
 const ROOT = path.resolve(__dirname, '..');
-const TINY = path.join(ROOT, 'fixtures', 'tiny');
 const REFERENCE = path.join(ROOT, 'fixtures', 'reference', 'tiny');
 const TMP = fs.mkdtempSync(path.join(os.tmpdir(), 'prefill-chunks-'));
 afterAll(() => fs.rmSync(TMP, { recursive: true, force: true }));
@@ -114,9 +114,8 @@ describe('the logits command', () => {
     });
 
     it("the reference's generate(): tidy returns only tensors", async () => {
-      const model = await Transformer.fromFolder(TINY, { maxBatchSize: 2 });
+      const { model, tokenizer } = await tinyModelAndTokenizer({ maxBatchSize: 2 });
       try {
-        const tokenizer = await Tokenizer.load(path.join(TINY, 'tokenizer.model'));
         await generate(['Once upon a time there was a', 'The baker counted twelve golden cakes at the market'], model, tokenizer, 6, 4);
       } finally {
         model.dispose();
@@ -131,8 +130,7 @@ describe("the reference's generate() prefills in chunks with the logits of one f
   let model: Transformer;
   let tokenizer: Tokenizer;
   beforeAll(async () => {
-    model = await Transformer.fromFolder(TINY, { maxBatchSize: 3 });
-    tokenizer = await Tokenizer.load(path.join(TINY, 'tokenizer.model'));
+    ({ model, tokenizer } = await tinyModelAndTokenizer({ maxBatchSize: 3 }));
   });
   afterAll(() => model.dispose());
 

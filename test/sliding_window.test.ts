@@ -7,13 +7,10 @@
  * - test_generation: the logprobs of a generated sequence are reproduced by prefilling the whole
  *   sequence (window 3), as mistral-src's test_generate.py asserts.
  */
-import * as path from 'path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
 import { generate, Tokenizer, Transformer } from '../one_file_ref';
-import { disposeCaches, readBack, withWindow } from './models';
-
-const TINY = path.resolve(__dirname, '..', 'fixtures', 'tiny');
+import { disposeCaches, readBack, tinyModel, withWindow } from './models';
 
 function randomIds(bsz: number, seqlen: number, vocab: number, seed: number): number[][] {
   let s = seed >>> 0;
@@ -79,7 +76,7 @@ class DebugTokenizer {
 describe('sliding window', () => {
   let base: Transformer;
   beforeAll(async () => {
-    base = await Transformer.fromFolder(TINY, { maxBatchSize: 4 });
+    base = await tinyModel({ maxBatchSize: 4 });
   });
   afterAll(() => base.dispose());
 
@@ -155,7 +152,7 @@ describe('sliding window', () => {
 
 describe("the reference's test_generate.py property", () => {
   it('test_generation: logprobs of generated sequences are reproduced by prefilling them (window 3)', async () => {
-    const base = await Transformer.fromFolder(TINY, { maxBatchSize: 4 });
+    const base = await tinyModel({ maxBatchSize: 4 });
     const model = withWindow(base, 3, 4);
     const tokenizer = new DebugTokenizer() as unknown as Tokenizer;
     try {

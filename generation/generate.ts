@@ -22,6 +22,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { MAX_POSITIONS, type Transformer } from '../one_file_ref';
+import { prefillChunkLength, type ScoresShape } from '../model/prefill';
 import { StreamDecoder, type StreamTokenizer } from '../tokenizer/stream';
 import { checkSamplingOptions, DEFAULT_SAMPLING, logprobOf, Sampler, type SamplingOptions } from './sampling';
 
@@ -107,30 +108,19 @@ export class GenerationError extends RangeError {
 // How long a prefill forward may be
 
 /**
- * The most bytes one prefill forward's attention scores may take. A forward of T tokens that
- * continues a sequence attends to the W-1 cached positions before it and to itself: its scores are
- * [nHeads, T, W-1+T] float32 per batch row, and the softmax, the mask and the scaled copy hold a few
- * more tensors of that size while a layer runs. 128 MiB keeps the whole attention of a forward well
- * under 1 GiB, inside wasm's 4 GiB beside Mistral 7B's low-memory weights and full cache.
- */
-export const PREFILL_SCORES_BUDGET_BYTES = 128 * 2 ** 20;
-
-/**
- * The longest default chunk, whatever the budget allows: past a few hundred tokens a forward costs
- * more per token (its scores grow as T * (W-1+T)) and the event loop waits longer between chunks.
+ * The longest default chunk, whatever the memory budget allows: past a few hundred tokens a forward
+ * costs more per token (its scores grow as T * (W-1+T)) and the event loop, and an abort, wait
+ * longer between chunks.
  */
 export const MAX_PREFILL_CHUNK = 256;
 
 /**
- * The default prefill chunk for a model: the largest T <= MAX_PREFILL_CHUNK whose scores
- * nHeads * T * (W-1+T) * 4 bytes fit PREFILL_SCORES_BUDGET_BYTES (at least 1). Mistral 7B (32 heads,
- * W 4096): 241 tokens; the storyteller and the tiny fixtures: MAX_PREFILL_CHUNK.
+ * The default prefill chunk for a model: the model's own bound for one row (prefillChunkLength:
+ * the longest chunk whose attention scores fit PREFILL_SCORES_BUDGET_BYTES), at most
+ * MAX_PREFILL_CHUNK. Mistral 7B (32 heads, W 4096): 256 tokens; W 32768: 63.
  */
-export function defaultChunkSize(args: { nHeads: number; slidingWindow: number }): number {
-  const scoresBytes = (t: number): number => args.nHeads * t * (args.slidingWindow - 1 + t) * 4;
-  let t = MAX_PREFILL_CHUNK;
-  while (t > 1 && scoresBytes(t) > PREFILL_SCORES_BUDGET_BYTES) t--;
-  return t;
+export function defaultChunkSize(args: ScoresShape): number {
+  return Math.min(MAX_PREFILL_CHUNK, prefillChunkLength(args, 1));
 }
 
 /**

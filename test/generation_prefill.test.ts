@@ -14,7 +14,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
 import { loadModel, type Transformer } from '../one_file_ref';
 import type { SentencePieceProcessor } from '../tokenizer';
-import { complete, defaultChunkSize, MAX_PREFILL_CHUNK, PREFILL_SCORES_BUDGET_BYTES } from '../generation/generate';
+import { complete, defaultChunkSize, MAX_PREFILL_CHUNK } from '../generation/generate';
+import { PREFILL_SCORES_BUDGET_BYTES } from '../model/prefill';
 
 const TINY = path.resolve(__dirname, '..', 'fixtures', 'tiny');
 
@@ -48,12 +49,14 @@ function maxAbsDiff(a: readonly number[], b: readonly number[]): number {
 
 describe('default prefill chunk', () => {
   it('is the largest T whose scores [nHeads, T, W-1+T] float32 fit the budget, at most MAX_PREFILL_CHUNK', () => {
-    expect(PREFILL_SCORES_BUDGET_BYTES).toBe(128 * 1024 * 1024);
-    // Mistral 7B, 32 heads, W 4096: 32 * T * (4095 + T) * 4 <= 2^27 <=> T * (4095 + T) <= 2^20 = 1048576;
-    // 241 * 4336 = 1044976 fits, 242 * 4337 = 1049554 does not.
-    expect(defaultChunkSize({ nHeads: 32, slidingWindow: 4096 })).toBe(241);
-    // A 32k window (32 heads): T * (32767 + T) <= 2^20: 31 * 32798 = 1016738 fits, 32 * 32799 = 1049568 does not.
-    expect(defaultChunkSize({ nHeads: 32, slidingWindow: 32768 })).toBe(31);
+    expect(PREFILL_SCORES_BUDGET_BYTES).toBe(256 * 1024 * 1024);
+    // 32 heads: 32 * T * (W-1 + T) * 4 <= 2^28 <=> T * (W-1 + T) <= 2^21 = 2097152.
+    // W 4096: 256 * 4351 = 1113856 fits, so the cap of 256 decides.
+    expect(defaultChunkSize({ nHeads: 32, slidingWindow: 4096 })).toBe(256);
+    // W 8192: 248 * 8439 = 2092872 fits, 249 * 8440 = 2101560 does not.
+    expect(defaultChunkSize({ nHeads: 32, slidingWindow: 8192 })).toBe(248);
+    // A 32k window: 63 * 32830 = 2068290 fits, 64 * 32831 = 2101184 does not.
+    expect(defaultChunkSize({ nHeads: 32, slidingWindow: 32768 })).toBe(63);
     // The tiny fixture (4 heads, W 8) and the storyteller (8 heads, W 64): far under the budget.
     expect(defaultChunkSize(model.args)).toBe(MAX_PREFILL_CHUNK);
     expect(defaultChunkSize({ nHeads: 8, slidingWindow: 64 })).toBe(MAX_PREFILL_CHUNK);

@@ -104,7 +104,11 @@ export async function startServe(argv: string[], hooks: ServeHooks = {}): Promis
   }
 
   // Bind first: a port in use is an error now, not after loading the model.
-  const modelHost = new ModelHost({ maxQueue, onFatal: hooks.onFatal });
+  const exitOnFatal = (message: string): void => {
+    process.stderr.write(`error: ${message}\n`);
+    setTimeout(() => process.exit(1), 200); // time for the failed request's 500 to go out
+  };
+  const modelHost = new ModelHost({ maxQueue, onFatal: hooks.onFatal ?? exitOnFatal });
   const app = buildServer({ host: modelHost, modelName, apiKey, bodyLimit, timeoutSeconds, maxConnections, log: values.quiet ? undefined : say });
   try {
     await app.listen({ host, port });

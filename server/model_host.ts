@@ -78,7 +78,7 @@ export interface HostOptions {
   maxQueue?: number;
   /** Bytes of request bodies admitted at once (default DEFAULT_PENDING_BODY_BYTES). */
   pendingBodyBytes?: number;
-  /** Called once when the model's backend stops working, with a one-line message (default: print it and exit 1 a moment later). */
+  /** Called once when the model's backend stops working, with a one-line message (default: print it on stderr; the serve command also exits 1). */
   onFatal?: (message: string) => void;
 }
 
@@ -118,7 +118,6 @@ export class ModelHost {
       opts.onFatal ??
       ((message) => {
         process.stderr.write(`error: ${message}\n`);
-        setTimeout(() => process.exit(1), 200); // time for the failed request's 500 to go out
       });
   }
 

@@ -8,12 +8,13 @@
 import * as fs from 'fs';
 import * as path from 'path';
 import { CheckpointError } from './errors';
+import { isGguf } from './gguf';
 import { findHfWeights, HF_WEIGHT_FILES, openHfFolder, readJson } from './hf';
 import { openPth } from './pth';
 import { openSafetensors } from './safetensors';
 import { BYTES_PER_ELEMENT, type RawTensor, type WeightReader } from './types';
 
-export type ModelFormat = 'folder' | 'folder-safetensors' | 'tar' | 'hf';
+export type ModelFormat = 'folder' | 'folder-safetensors' | 'tar' | 'hf' | 'gguf';
 
 /** Where the SentencePiece model is: a file, or bytes read out of an archive. */
 export type TokenizerSource = { path: string } | { bytes: Uint8Array; name: string };
@@ -35,6 +36,8 @@ export interface ModelFiles {
   paramsFile: string;
   weights: WeightReader;
   tokenizer: TokenizerSource;
+  /** Notes for stderr (a GGUF's defaults for missing metadata). */
+  warnings?: readonly string[];
   /** Closes the weights. */
   close(): void;
 }
@@ -135,6 +138,7 @@ export async function openModel(modelPath: string, opts: OpenModelOptions = {}):
   if (!stat) throw new CheckpointError(modelPath, 'no such file or folder');
 
   if (stat.isFile()) {
+    if (isGguf(modelPath)) return (await import('./gguf_model')).openGgufModel(modelPath, opts);
     if (!isTar(modelPath)) throw new CheckpointError(modelPath, NOT_A_MODEL);
     // Loaded on first use: it brings in the tar-stream package, which the other formats do not need.
     const { openTar } = await import('./tar');

@@ -10,6 +10,8 @@
  * Errors are one line on stderr and exit code 1; `--verbose` adds the stack trace.
  */
 import { COMMON_HELP, UsageError } from './args';
+import { CONVERT_HELP, convertCommand } from './convert';
+import { PERPLEXITY_HELP, perplexityCommand } from './perplexity';
 import { GENERATE_HELP, generateCommand } from './generate';
 import { INTERACTIVE_HELP, interactiveCommand } from './interactive';
 import { LOGITS_HELP, logitsCommand } from './logits';
@@ -20,7 +22,7 @@ import { detokenizeCommand, TOKENIZE_HELP, tokenizeCommand } from './tokenize';
 export const HELP = `Mistral 7B v0.1, a TypeScript port of mistral-src's one_file_ref.py
 
 Usage:
-${REFERENCE_HELP}${GENERATE_HELP}${INTERACTIVE_HELP}${SERVE_HELP}${LOGITS_HELP}
+${REFERENCE_HELP}${GENERATE_HELP}${INTERACTIVE_HELP}${SERVE_HELP}${LOGITS_HELP}${PERPLEXITY_HELP}${CONVERT_HELP}
 ${TOKENIZE_HELP.replace(/^Usage:\n/, '')}
 ${COMMON_HELP}`;
 
@@ -32,6 +34,8 @@ const COMMANDS: Record<string, (argv: string[]) => Promise<void>> = {
   generate: generateCommand,
   interactive: interactiveCommand,
   serve: serveCommand,
+  perplexity: perplexityCommand,
+  convert: convertCommand,
 };
 
 export async function run(argv: string[]): Promise<void> {

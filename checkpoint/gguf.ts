@@ -245,7 +245,7 @@ class HeaderCursor {
     const length = this.count(`length of ${what}`, this.left - 8, 'bytes');
     const bytes = this.need(length, what);
     try {
-      return new TextDecoder('utf-8', { fatal: true }).decode(bytes);
+      return new TextDecoder('utf-8', { fatal: true, ignoreBOM: true }).decode(bytes);
     } catch {
       return this.fail(`${what} at byte ${this.pos - length} is not UTF-8 text`);
     }

@@ -194,7 +194,7 @@ class ProtoReader {
 
   string(): string {
     const r = this.sub();
-    return new TextDecoder('utf-8').decode(this.b.subarray(r.pos, r.end));
+    return new TextDecoder('utf-8', { ignoreBOM: true }).decode(this.b.subarray(r.pos, r.end));
   }
 
   float(): number {

@@ -138,7 +138,7 @@ export async function openModel(modelPath: string, opts: OpenModelOptions = {}):
   if (!stat) throw new CheckpointError(modelPath, 'no such file or folder');
 
   if (stat.isFile()) {
-    if (isGguf(modelPath)) return (await import('./gguf_model')).openGgufModel(modelPath, opts);
+    if (isGguf(modelPath) || /\.gguf$/i.test(modelPath)) return (await import('./gguf_model')).openGgufModel(modelPath, opts);
     if (!isTar(modelPath)) throw new CheckpointError(modelPath, NOT_A_MODEL);
     // Loaded on first use: it brings in the tar-stream package, which the other formats do not need.
     const { openTar } = await import('./tar');

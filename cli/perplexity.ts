@@ -261,7 +261,9 @@ export async function perplexityCommand(argv: string[]): Promise<void> {
         );
       }
     }
-    const full = vocab <= FULL_VOCAB_LIMIT && scored * vocab <= FULL_VALUES_LIMIT;
+    // MISTRAL_PERPLEXITY_FULL_VOCAB lowers the vocabulary limit (the tests use it to save top-k on the tiny model).
+    const fullVocabLimit = Math.min(FULL_VOCAB_LIMIT, Number(process.env.MISTRAL_PERPLEXITY_FULL_VOCAB ?? FULL_VOCAB_LIMIT));
+    const full = vocab <= fullVocabLimit && scored * vocab <= FULL_VALUES_LIMIT;
     const saveWidth = full ? vocab : Math.min(TOP_K, vocab);
     const saved = saveFile !== undefined ? new Float32Array(scored * saveWidth) : null;
     const savedIds = saveFile !== undefined && !full ? new Int32Array(scored * saveWidth) : null;

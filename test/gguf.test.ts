@@ -17,8 +17,8 @@ import * as path from 'path';
 import * as tf from '@tensorflow/tfjs-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openModel } from '../checkpoint';
-import { openGguf, dequantizeQ8_0 } from '../checkpoint/gguf';
-import { floatToBfloat16, floatToHalf, quantizeQ8_0 } from '../checkpoint/gguf_write';
+import { dequantizeQ8_0, GgufType, openGguf, type GgufEntry } from '../checkpoint/gguf';
+import { floatToBfloat16, floatToHalf, quantizeQ8_0, writeGguf } from '../checkpoint/gguf_write';
 import { writeNpy } from '../checkpoint/npy';
 import { run } from '../cli/main';
 import { loadModel } from '../one_file_ref';
@@ -311,6 +311,70 @@ print(json.dumps(res))
       first.close();
       again.close();
     }
+  });
+});
+
+describe('GGUF metadata of every value type, and a non-default alignment', () => {
+  it('round-trips through the writer and reader, and Python\'s parser reads the same values and tensor', () => {
+    const T = GgufType;
+    const entries: [string, GgufEntry][] = [
+      ['general.architecture', { type: T.STRING, value: 'llama' }],
+      ['general.alignment', { type: T.UINT32, value: 64 }],
+      ['t.u8', { type: T.UINT8, value: 255 }],
+      ['t.i8', { type: T.INT8, value: -128 }],
+      ['t.u16', { type: T.UINT16, value: 65535 }],
+      ['t.i16', { type: T.INT16, value: -32768 }],
+      ['t.u32', { type: T.UINT32, value: 4294967295 }],
+      ['t.i32', { type: T.INT32, value: -2147483648 }],
+      ['t.f32', { type: T.FLOAT32, value: 0.5 }],
+      ['t.bool', { type: T.BOOL, value: true }],
+      ['t.str', { type: T.STRING, value: 'Zoë \ufeff🙂' }],
+      ['t.u64', { type: T.UINT64, value: 18446744073709551615n }],
+      ['t.i64', { type: T.INT64, value: -9223372036854775808n }],
+      ['t.f64', { type: T.FLOAT64, value: 0.1 }],
+      ['t.arr', { type: T.ARRAY, itemType: T.INT16, value: { itemType: T.INT16, values: [1, -2, 3] } }],
+      ['t.nested', { type: T.ARRAY, itemType: T.ARRAY, value: { itemType: T.ARRAY, values: [{ itemType: T.STRING, values: ['a', ''] }, { itemType: T.BOOL, values: [] }] } }],
+      ['llama.embedding_length', { type: T.UINT64, value: 32n }],
+      ['llama.block_count', { type: T.INT32, value: 1 }],
+      ['llama.attention.head_count', { type: T.UINT16, value: 4 }],
+      ['llama.feed_forward_length', { type: T.UINT8, value: 64 }],
+      ['llama.attention.layer_norm_rms_epsilon', { type: T.FLOAT64, value: 1e-6 }],
+      ['llama.vocab_size', { type: T.UINT32, value: 8 }],
+    ];
+    const norm = Float32Array.from({ length: 32 }, (_, i) => i / 7);
+    const f = path.join(dir, 'types.gguf');
+    writeGguf(f, entries, [
+      { name: 'output_norm.weight', shape: [32], type: 'F32', data: () => new Uint8Array(norm.buffer) },
+      { name: 'blk.0.ffn_norm.weight', shape: [32], type: 'F16', data: () => new Uint8Array(64).fill(0x3c).map((v, i) => (i % 2 ? v : 0)) },
+    ], 64);
+    const g = openGguf(f);
+    try {
+      for (const [key, entry] of entries) expect(g.metadata.get(key), key).toEqual(entry);
+      expect(g.alignment).toBe(64);
+      expect(g.tensors.get('layers.0.ffn_norm.weight')!.fileOffset % 64).toBe(0);
+      expect(g.read('norm.weight')).toEqual(norm);
+      expect(Array.from(g.read('layers.0.ffn_norm.weight'))).toEqual(new Array(32).fill(1));
+      // Defaults where keys are absent: n_kv_heads = n_heads, head_dim = dim / n_heads, theta 10000, window 4096 (noted).
+      expect(g.params).toEqual({ dim: 32, n_layers: 1, head_dim: 8, hidden_dim: 64, n_heads: 4, n_kv_heads: 4, sliding_window: 4096, norm_eps: 1e-6, vocab_size: 8, rope_theta: 10000 });
+      expect(g.warnings.length).toBe(1);
+    } finally {
+      g.close();
+    }
+    const out = python(
+      String.raw`
+meta, t = read_gguf(sys.argv[1])
+print(json.dumps({'meta': {k: v for k, v in meta.items() if k.startswith('t.')}, 'norm': t['output_norm.weight'][2].tolist(), 'ffn': t['blk.0.ffn_norm.weight'][2].astype(float).tolist()}))
+`,
+      [f],
+    );
+    const py = JSON.parse(out) as { meta: Record<string, unknown>; norm: number[]; ffn: number[] };
+    expect(py.meta).toEqual({
+      't.u8': 255, 't.i8': -128, 't.u16': 65535, 't.i16': -32768, 't.u32': 4294967295, 't.i32': -2147483648, 't.f32': 0.5,
+      't.bool': true, 't.str': 'Zoë \ufeff🙂', 't.u64': 18446744073709551615, 't.i64': -9223372036854775808, 't.f64': 0.1,
+      't.arr': [1, -2, 3], 't.nested': [['a', ''], []],
+    });
+    expect(py.norm).toEqual(Array.from(norm));
+    expect(py.ffn).toEqual(new Array(32).fill(1));
   });
 });
 

@@ -11,6 +11,7 @@ import { execFileSync } from 'child_process';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
+import * as tf from '@tensorflow/tfjs-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { run } from '../cli/main';
 import { perplexityWindows } from '../cli/perplexity';
@@ -183,7 +184,9 @@ describe('perplexity as llama.cpp computes it', () => {
   });
 
   it('the same model against itself: KL 0, agreement 100%, ratio 1 (text output)', async () => {
+    const before = tf.memory().numTensors;
     const { stdout, stderr } = await runCommand(['perplexity', TINY, '--file', textFile, '--ctx', String(CTX), '--kl-divergence', path.join(dir, 'saved.json')]);
+    expect(tf.memory().numTensors).toBe(before);
     expect(stdout).toMatch(/^Final estimate: PPL = \d+\.\d{4} \+\/- \d+\.\d{5}\n/);
     expect(stdout).toContain('Mean KL divergence vs');
     expect(stdout).toMatch(/: 0\.000000 \+\/- 0\.000000/);

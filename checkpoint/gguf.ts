@@ -180,6 +180,9 @@ const READ_CHUNK = 1 << 30;
 /** The header is read from the file in pieces of this size as the parser needs them. */
 const HEADER_CHUNK = 1 << 20;
 
+/** Strict UTF-8 that keeps a leading U+FEFF (Mistral v1 has a piece that is exactly that). */
+const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
+
 /** A forward cursor over the file's header bytes, reading more from the file as needed. */
 class HeaderCursor {
   private buf = Buffer.alloc(0);
@@ -245,7 +248,7 @@ class HeaderCursor {
     const length = this.count(`length of ${what}`, this.left - 8, 'bytes');
     const bytes = this.need(length, what);
     try {
-      return new TextDecoder('utf-8', { fatal: true, ignoreBOM: true }).decode(bytes);
+      return UTF8.decode(bytes);
     } catch {
       return this.fail(`${what} at byte ${this.pos - length} is not UTF-8 text`);
     }

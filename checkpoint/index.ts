@@ -17,7 +17,7 @@ import { findNonFinite, type NonFiniteWeights } from './finite';
 import { openSafetensors } from './safetensors';
 import { BYTES_PER_ELEMENT, type RawTensor, type WeightReader } from './types';
 
-export type ModelFormat = 'folder' | 'folder-safetensors' | 'tar' | 'hf';
+export type ModelFormat = 'folder' | 'folder-safetensors' | 'tar' | 'hf' | 'gguf';
 
 /** Where the SentencePiece model is: a file, or bytes read out of an archive. */
 export type TokenizerSource = { path: string } | { bytes: Uint8Array; name: string };
@@ -49,6 +49,8 @@ export interface ModelFiles {
   tokenizer: TokenizerSource;
   /** The tensors read so far that hold NaN or Inf, in the order they were read. */
   readonly nonFinite: readonly NonFiniteWeights[];
+  /** Notes for stderr (a GGUF's defaults for missing metadata). */
+  warnings?: readonly string[];
   /** Closes the weights. */
   close(): void;
 }
@@ -101,12 +103,6 @@ function fileKind(file: string): FileKind {
 
 /** The error for a model path that is a file but not a tar: say what it is and what to pass instead. */
 function notAModelFile(file: string, kind: FileKind): CheckpointError {
-  if (kind === 'gguf') {
-    return new CheckpointError(
-      file,
-      "is a GGUF file (llama.cpp's format): GGUF is not supported yet; pass the original model folder (params.json, consolidated.00.pth, tokenizer.model), its .tar, or a Hugging Face folder",
-    );
-  }
   const folder = path.dirname(path.resolve(file));
   const name = path.basename(file);
   const what =
@@ -248,6 +244,10 @@ export async function openModel(modelPath: string, opts: OpenModelOptions = {}):
 
   if (stat.isFile()) {
     const kind = fileKind(modelPath);
+    if (kind === 'gguf' || /\.gguf$/i.test(modelPath)) {
+      const gguf = (await import('./gguf_model')).openGgufModel(modelPath);
+      return { ...modelFiles('gguf', modelPath, gguf.params, gguf.paramsFile, gguf.weights, gguf.tokenizer, opts), warnings: gguf.warnings };
+    }
     if (kind !== 'tar') throw notAModelFile(modelPath, kind);
     // Loaded on first use: it brings in the tar-stream package, which the other formats do not need.
     const { openTar } = await import('./tar');

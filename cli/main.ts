@@ -13,6 +13,8 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { COMMON_HELP, UsageError } from './args';
 import { maybeNoteBackend } from './backend_note';
+import { CONVERT_HELP, convertCommand } from './convert';
+import { PERPLEXITY_HELP, perplexityCommand } from './perplexity';
 import { GENERATE_HELP, generateCommand } from './generate';
 import { INTERACTIVE_HELP, interactiveCommand } from './interactive';
 import { LOGITS_HELP, logitsCommand } from './logits';
@@ -24,7 +26,7 @@ import { detokenizeCommand, TOKENIZE_HELP, tokenizeCommand } from './tokenize';
 export const HELP = `Mistral 7B v0.1, a TypeScript port of mistral-src's one_file_ref.py
 
 Usage:
-${REFERENCE_HELP}${GENERATE_HELP}${INTERACTIVE_HELP}${SERVE_HELP}${LOGITS_HELP}
+${REFERENCE_HELP}${GENERATE_HELP}${INTERACTIVE_HELP}${SERVE_HELP}${LOGITS_HELP}${PERPLEXITY_HELP}${CONVERT_HELP}
 ${TOKENIZE_HELP.replace(/^Usage:\n/, '')}
 ${MAX_TOKENS_MEANINGS}
 ${COMMON_HELP}`;
@@ -37,6 +39,8 @@ const COMMANDS: Record<string, (argv: string[]) => Promise<void>> = {
   generate: generateCommand,
   interactive: interactiveCommand,
   serve: serveCommand,
+  perplexity: perplexityCommand,
+  convert: convertCommand,
 };
 
 /** This package's version, from its package.json. */

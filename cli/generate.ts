@@ -48,8 +48,8 @@ export const GENERATE_HELP = `  npx ts-node one_file_ref.ts generate MODEL --pro
       Generation as main.py does it, one prompt after another, each prefilled whole and
       stopped at EOS, N new tokens or a stop string; the text streams as it is generated.
       Stats on stderr at the end (backend, tokens/s, peak memory).
-      -n, --max-tokens N  new tokens per prompt at most, the prompt not counted (default 35;
-                       the reference command's --max-tokens counts its prompt steps too)
+      --max-tokens N   new tokens per prompt at most (default 35); the prompt is not counted,
+                       unlike the reference command's --max-tokens (see --help)
 ${SAMPLING_HELP}      --instruct       wrap each prompt as Mistral-7B-Instruct expects: <s>[INST] TEXT [/INST]
       --json           print {"completions": [{prompt, prompt_ids, generated_ids, text, logprobs,
                        finish_reason, seed, timings}]} instead of the text

@@ -9,7 +9,10 @@ import * as path from 'path';
 import { describe, expect, it } from 'vitest';
 import { maxTokensNote } from '../cli/max_tokens';
 import { decodeUtf8, firstInvalidUtf8, PromptFileError, readPromptFile } from '../cli/prompt_file';
-import { closestCommand, editDistance } from '../cli/main';
+import { parseCommandLine } from '../cli/args';
+import { generateOptionsFromFlags } from '../cli/generate';
+import { capture } from '../cli/help_cache';
+import { closestCommand, editDistance, HELP, packageVersion, run as runMain } from '../cli/main';
 import { describeRun, errorLines, ROOT, run, runCli, TINY, TS_NODE, type RunResult } from './spawn';
 
 const TMP = fs.mkdtempSync(path.join(os.tmpdir(), 'mistral-cli-input-'));
@@ -101,7 +104,8 @@ describe('firstInvalidUtf8: where Python reports the first bad byte', () => {
   });
 });
 
-describe.concurrent('prompts from files and stdin, short flags, --version (spawned)', () => {
+// Spawned one at a time (each loads ts-node, tfjs and a model): the suite runs beside other files.
+describe('prompts from files and stdin, short flags, --version (spawned)', () => {
   it("the reference command reads -f files and stdin among -p prompts, in order, as the reference's generate() (generate_0)", async () => {
     const ref = refCase('generate_0');
     expect(ref.prompts).toHaveLength(3);
@@ -130,35 +134,38 @@ describe.concurrent('prompts from files and stdin, short flags, --version (spawn
     if (completions[0].generated_ids.length < 4) expect(completions[0].finish_reason).toBe('stop');
   });
 
-  it('-c 0 is --chunk-size 0 and -n -1 is --max-tokens -1: refused by name', async () => {
+  it('-c 0 is --chunk-size 0: refused by name', async () => {
     expectOneLineError(await runCli(['generate', TINY, '-p', 'hi', '-c', '0']), ['--chunk-size', '"0"']);
-    expectOneLineError(await runCli(['generate', TINY, '-p', 'hi', '-n', '-1']), ['--max-tokens', '"-1"']);
   });
 
-  it('a prompt file that is not UTF-8 is an error naming the file and the byte, from a file and from stdin', async () => {
+  it('a prompt file that is not UTF-8 is an error naming the file and the byte', async () => {
     const latin1 = Buffer.from('Il était une fois', 'latin1'); // "Il " is 3 bytes, then é is the one byte 0xe9, at offset 3
     const file = tmpFile('latin1.txt', latin1);
     expectOneLineError(await runCli(['generate', TINY, '-f', file]), [`-f ${file}`, 'not valid UTF-8 at byte 3']);
-    expectOneLineError(await runCli([TINY, '--file', '-'], { input: latin1 }), ['--file - (stdin)', 'not valid UTF-8 at byte 3']);
   });
 
-  it('a missing prompt file, stdin twice, and -f on a command without prompts are one-line errors', async () => {
+  it('a missing prompt file is a one-line error naming it', async () => {
     const missing = path.join(TMP, 'missing.txt');
     expectOneLineError(await runCli(['generate', TINY, '-f', missing]), [missing, 'no such file']);
-    expectOneLineError(await runCli(['generate', TINY, '-f', '-', '-f', '-'], { input: 'x' }), ['--file -', 'once']);
-    expectOneLineError(await runCli(['serve', TINY, '-f', missing]), ['-f']);
+  });
+});
+
+describe('the flags as parsed (in-process)', () => {
+  it('-n -1 is --max-tokens -1; stdin twice and -f without --prompt are refused by name', () => {
+    const options = { prompt: { type: 'string', multiple: true }, 'max-tokens': { type: 'string' } } as const;
+    expect(() => generateOptionsFromFlags(parseCommandLine(['-p', 'hi', '-n', '-1'], options).values, 35)).toThrow('--max-tokens must be an integer >= 0, got "-1"');
+    expect(() => parseCommandLine(['-f', '-', '--file', '-'], options)).toThrow('--file - (stdin) can be given once');
+    expect(() => parseCommandLine(['-f', 'x.txt'], { port: { type: 'string' } })).toThrow('unknown flag -f');
+    expect(parseCommandLine(['-n5', '-p', 'a', '--prompt=b'], options).values).toMatchObject({ 'max-tokens': '5', prompt: ['a', 'b'] });
   });
 
-  it('--version prints the package version; -h is --help', async () => {
+  it('--version and -h: the package version, and the short forms in the help', async () => {
     const pkg = JSON.parse(fs.readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as { name: string; version: string };
-    const version = await runCli(['--version']);
-    expect(version.code, describeRun(version)).toBe(0);
-    expect(version.stdout).toBe(`${pkg.name} ${pkg.version}\n`);
-    const help = await runCli(['generate', '-h']);
-    expect(help.code, describeRun(help)).toBe(0);
-    expect(help.stdout).toMatch(/^Usage:\n {2}npx ts-node one_file_ref.ts generate MODEL/);
+    expect(packageVersion()).toBe(`${pkg.name} ${pkg.version}`); // spawned in test/fast_help.test.ts
+    const help = await capture(['generate', '-h']);
+    expect(help).toMatch(/^Usage:\n {2}npx ts-node one_file_ref.ts generate MODEL/);
     for (const flag of ['-f, --file PATH', '-p --prompt', '-n --max-tokens', '-s --seed', '-c --chunk-size', '--version']) {
-      expect(help.stdout, flag).toContain(flag);
+      expect(help, flag).toContain(flag);
     }
   });
 });
@@ -173,10 +180,9 @@ describe("--max-tokens's two meanings", () => {
     expect(maxTokensNote([4, 10], 0)).toBeUndefined(); // no texts at all, as the reference
   });
 
-  it('--help states both meanings; the reference command notes a prompt cut short (generate_0), not otherwise', async () => {
-    const help = await runCli(['--help']);
-    expect(help.stdout).toContain('--max-tokens N: with the reference command (MODEL --prompt ...) N counts steps per row');
-    expect(help.stdout).toContain('With generate and interactive, N counts new tokens only');
+  it('--help states both meanings; the reference command notes a prompt cut short (generate_0), not otherwise', { timeout: 300_000 }, async () => {
+    expect(HELP).toContain('--max-tokens N: with the reference command (MODEL --prompt ...) N counts steps per row');
+    expect(HELP).toContain('With generate and interactive, N counts new tokens only');
 
     const ref = refCase('generate_0');
     const lengths = ref.encoded_prompts.map((ids) => ids.length); // the reference's own encodings
@@ -210,8 +216,9 @@ describe('a mistyped command', () => {
 
   it('says "unknown command generat; did you mean generate?" instead of taking it for a model', async () => {
     expectOneLineError(await runCli(['generat', 'fixtures/storyteller', '--prompt', 'hi']), ['unknown command generat; did you mean generate?']);
-    expectOneLineError(await runCli(['hello', 'fixtures/storyteller']), ['hello: not a command', 'generate', 'no such file or folder']);
-    expectOneLineError(await runCli(['fixtures/storytellr']), ['fixtures/storytellr', 'no such file or folder']);
+    // The same check in-process: a word that is no command, and a path that does not exist.
+    await expect(runMain(['hello', 'fixtures/storyteller'])).rejects.toThrow(/^hello: not a command \(.*generate.*\) and no such file or folder/);
+    await expect(runMain(['fixtures/storytellr'])).rejects.toThrow('fixtures/storytellr: no such file or folder');
   });
 
   it('a model folder that happens to be named like a command typo is still a model', async () => {

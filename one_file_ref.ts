@@ -452,7 +452,6 @@ export async function generate(
 /** Tokenizer(folder / "tokenizer.model") and Transformer.from_folder(folder), from one read of any layout (a .tar is one stream). */
 export async function loadModel(modelPath: string, opts: LoadOptions = {}): Promise<{ tokenizer: Tokenizer; transformer: Transformer }> {
   const files = await openModel(modelPath, { onProgress: opts.onProgress });
-  for (const warning of files.warnings ?? []) process.stderr.write(`note: ${warning}\n`);
   try {
     const tokenizer = await Tokenizer.load(files.tokenizer);
     const transformer = Transformer.fromCheckpoint(files.params, files.paramsFile, files.weights, opts);

@@ -246,6 +246,8 @@ export async function openModel(modelPath: string, opts: OpenModelOptions = {}):
     const kind = fileKind(modelPath);
     if (kind === 'gguf' || /\.gguf$/i.test(modelPath)) {
       const gguf = (await import('./gguf_model')).openGgufModel(modelPath);
+      // The defaults taken for missing metadata are said where the file is opened, as a note.
+      for (const warning of gguf.warnings) process.stderr.write(`note: ${warning}\n`);
       return { ...modelFiles('gguf', modelPath, gguf.params, gguf.paramsFile, gguf.weights, gguf.tokenizer, opts), warnings: gguf.warnings };
     }
     if (kind !== 'tar') throw notAModelFile(modelPath, kind);

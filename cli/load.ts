@@ -38,12 +38,16 @@ export async function loadForCommand(
   maxBatchSize: number,
 ): Promise<{ tokenizer: Tokenizer; transformer: Transformer }> {
   await initBackend(flags.backend, { quiet: flags.quiet });
+  return reportNonFiniteWeightsOf(() => loadModel(model, loadOptions(flags, maxBatchSize)));
+}
+
+/**
+ * Runs `load` (anything that loads a model) and then prints one warning line if the weights it read
+ * hold NaN or Inf: even with --quiet, since the model's output will be garbage and this says why.
+ */
+export async function reportNonFiniteWeightsOf<T>(load: () => Promise<T>): Promise<T> {
   const findings: NonFiniteWeights[] = [];
-  const loaded = await reportNonFiniteWeights(
-    (finding) => findings.push(finding),
-    () => loadModel(model, loadOptions(flags, maxBatchSize)),
-  );
-  // Even with --quiet: the model's output will be garbage, and this says why.
+  const loaded = await reportNonFiniteWeights((finding) => findings.push(finding), load);
   const warning = nonFiniteWarning(findings);
   if (warning) process.stderr.write(`${warning}\n`);
   return loaded;

@@ -8,7 +8,7 @@ import { demo, DEMO_PROMPTS, generate, MAX_POSITIONS } from '../one_file_ref';
 import { initBackend } from '../runtime/backend';
 import { wrapInstruct } from '../tokenizer/instruct';
 import { modelPath, parseCommandLine, parseIntFlag, UsageError } from './args';
-import { loadForCommand, loadOptions, reportSteps } from './load';
+import { loadForCommand, loadOptions, reportNonFiniteWeightsOf, reportSteps } from './load';
 import { noteMaxTokens } from './max_tokens';
 
 export const REFERENCE_HELP = `  npx ts-node one_file_ref.ts MODEL [--max-tokens N]
@@ -38,7 +38,7 @@ export async function referenceCommand(argv: string[]): Promise<void> {
     if (values.instruct) throw new UsageError('--instruct needs at least one --prompt');
     await initBackend(values.backend, { quiet: values.quiet });
     const opts = loadOptions(values, DEMO_PROMPTS.length);
-    await demo(model, maxTokens, opts);
+    await reportNonFiniteWeightsOf(() => demo(model, maxTokens, opts));
     reportSteps(values, maxTokens, DEMO_PROMPTS.length, opts.loadedAt());
     return;
   }

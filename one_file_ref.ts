@@ -389,7 +389,7 @@ export interface GenerateResult { texts: string[]; logprobs: number[][]; generat
  */
 export async function generate(
   prompts: string[], model: Transformer, tokenizer: Tokenizer, maxTokens: number,
-  chunkLength = prefillChunkLength(model.args, prompts.length), // prefill chunks: the longest whose scores fit the budget
+  chunkLength = prefillChunkLength(model.args, prompts.length), // prefill chunks whose scores fit a budget (model/prefill.ts)
 ): Promise<GenerateResult> {
   const encodedPrompts = prompts.map((p) => tokenizer.encode(p));
   const [minPromptLen, maxPromptLen] = [Math.min(...encodedPrompts.map((x) => x.length)), Math.max(...encodedPrompts.map((x) => x.length))];

@@ -24,12 +24,22 @@ export function scoresBytes(args: ScoresShape, bsz: number, chunk: number, earli
   return 4 * bsz * args.nHeads * chunk * (earlier + chunk);
 }
 
+/** Chunks need not be shorter than this: a forward has a fixed cost of a few hundred kernel calls. */
+export const MIN_USEFUL_CHUNK = 512;
+
 /**
- * The longest prefill chunk whose scores fit `budgetBytes` for `bsz` rows, counting the W-1
- * earlier positions a continuing chunk attends to; at least 1, at most MAX_POSITIONS. Mistral 7B
- * (32 heads, W = 4096), batch 1: 460 tokens; 8 heads and W = 4096: 1,499; storyteller (8 heads, W = 64): 2,864.
+ * The prefill chunk length: the longest whose scores fit `budgetBytes` for `bsz` rows, counting the
+ * W-1 earlier positions a continuing chunk attends to, but no longer than max(W, 512): past W a
+ * longer chunk saves nothing (each token attends to W keys whatever the chunk) and only adds masked
+ * scores, W-1+chunk per token. At least 1. Mistral 7B (32 heads, W = 4096), batch 1: 460 tokens;
+ * 8 heads and W = 4096: 1,499; storyteller (8 heads, W = 64): 512 (the budget alone would allow 2,864).
  */
 export function prefillChunkLength(args: ScoresShape, bsz: number, budgetBytes = PREFILL_SCORES_BUDGET_BYTES): number {
+  return Math.min(budgetChunkLength(args, bsz, budgetBytes), Math.max(args.slidingWindow, MIN_USEFUL_CHUNK));
+}
+
+/** The longest chunk whose scores [bsz, nHeads, chunk, W-1 + chunk] float32 fit `budgetBytes`; at least 1, at most MAX_POSITIONS. */
+export function budgetChunkLength(args: ScoresShape, bsz: number, budgetBytes = PREFILL_SCORES_BUDGET_BYTES): number {
   const earlier = Math.min(args.slidingWindow - 1, MAX_POSITIONS);
   // chunk^2 + earlier * chunk <= budget / (4 * bsz * nHeads)
   const room = budgetBytes / (4 * Math.max(1, bsz) * args.nHeads);

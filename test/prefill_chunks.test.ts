@@ -14,7 +14,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest
 import * as tf from '@tensorflow/tfjs-core';
 import { generate, Tokenizer, Transformer } from '../one_file_ref';
 import { TINY, tinyModelAndTokenizer } from './models';
-import { prefillChunkLength, PREFILL_SCORES_BUDGET_BYTES } from '../model/prefill';
+import { budgetChunkLength, prefillChunkLength, PREFILL_SCORES_BUDGET_BYTES } from '../model/prefill';
 import { logitsCommand } from '../cli/logits';
 import { readNpy } from '../checkpoint/npy';
 
@@ -56,12 +56,14 @@ describe('prefillChunkLength', () => {
     ['Mistral 7B, batch 3', 32, 4096, 3, 164],
     ['8 heads, W 4096', 8, 4096, 1, 1499],
     ['storyteller (8 heads, W 64)', 8, 64, 1, 2864],
-  ])('%s: %i heads, W %i, batch %i -> %i tokens', (_name, heads, W, bsz, expected) => {
+  ])('%s: %i heads, W %i, batch %i -> the budget allows %i tokens', (_name, heads, W, bsz, expected) => {
     expect(PREFILL_SCORES_BUDGET_BYTES).toBe(256 * 1024 ** 2);
-    const chunk = prefillChunkLength({ nHeads: heads, slidingWindow: W }, bsz);
+    const chunk = budgetChunkLength({ nHeads: heads, slidingWindow: W }, bsz);
     expect(fits(heads, W, bsz, chunk)).toBe(true);
     expect(fits(heads, W, bsz, chunk + 1)).toBe(false);
     expect(chunk).toBe(expected);
+    // and no longer than max(W, 512) tokens: past W a longer chunk only adds masked scores
+    expect(prefillChunkLength({ nHeads: heads, slidingWindow: W }, bsz)).toBe(Math.min(expected, Math.max(W, 512)));
   });
 
   it('is at least 1 however small the budget', () => {

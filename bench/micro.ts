@@ -113,7 +113,9 @@ function lowmem(): void {
     const w = tf.tensor2d(buffer, [out, inp]);
     best.copy = Math.min(best.copy, performance.now() - t0);
     t0 = performance.now();
-    tf.tidy(() => tf.transpose(tf.matMul(w, tf.transpose(x))).dataSync());
+    const y = tf.tidy(() => tf.transpose(tf.matMul(w, tf.transpose(x))));
+    y.dataSync(); // read back outside tidy, which would walk a returned typed array element by element
+    y.dispose();
     best.product = Math.min(best.product, performance.now() - t0);
     w.dispose();
   }

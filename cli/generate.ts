@@ -39,7 +39,8 @@ export const SAMPLING_HELP = `      --temperature T  0 is greedy (argmax); highe
                        the same backend (default: a random one, printed with the stats)
       --stop TEXT      stop when the text contains TEXT, cut before it (repeatable; default none)
       --chunk-size N   prefill the prompt N tokens a forward through the rolling cache
-                       (main.py's chunk_size; default: the whole prompt in one forward)
+                       (main.py's chunk_size; default: the longest chunk whose attention
+                       scores fit 256 MiB, at most 256 tokens)
 `;
 
 export const GENERATE_HELP = `  npx ts-node one_file_ref.ts generate MODEL --prompt TEXT [--prompt TEXT ...] [--max-tokens N]

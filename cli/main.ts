@@ -128,3 +128,6 @@ export function main(argv: string[]): void {
     },
   );
 }
+
+// Run directly (npx ts-node cli/main.ts MODEL ...) as well as through one_file_ref.ts's script hook.
+if (require.main === module) main(process.argv.slice(2));

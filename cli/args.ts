@@ -108,7 +108,8 @@ export function parseCommandLine<O extends OptionSpec>(argv: string[], options: 
     throw err;
   }
   const values = parsed.values as Record<string, unknown>;
-  if (values.file !== undefined) {
+  // -f/--file is a prompt file only where the command takes --prompt (perplexity's --file is its text).
+  if ('prompt' in all && values.file !== undefined) {
     const files = values.file as string[];
     if (files.filter((f) => f === '-').length > 1) throw new UsageError('--file - (stdin) can be given once');
     const prompts: string[] = [];

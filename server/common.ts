@@ -8,7 +8,7 @@ import { MAX_POSITIONS } from '../one_file_ref';
 import type { FinishReason } from '../generation/generate';
 import { ApiError, badField } from './errors';
 import type { ModelHost } from './model_host';
-import type { TokenGenerateOptions, TokenRun } from './run_generation';
+import type { TokenGenerateOptions, TokenRun, Usage } from './run_generation';
 import type { CommonBody } from './schemas';
 
 /** What every route is given. */
@@ -28,11 +28,7 @@ export const finishReason = (reason: FinishReason): OpenAIFinishReason => (reaso
 export const newId = (prefix: string): string => `${prefix}-${randomBytes(12).toString('hex')}`;
 export const now = (): number => Math.floor(Date.now() / 1000);
 
-export interface Usage {
-  prompt_tokens: number;
-  completion_tokens: number;
-  total_tokens: number;
-}
+export type { Usage } from './run_generation';
 
 export function usageOf(runs: readonly TokenRun[]): Usage {
   const prompt = runs.reduce((n, r) => n + r.completion.promptIds.length, 0);

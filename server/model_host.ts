@@ -25,8 +25,7 @@ import { TokenizerError } from '../tokenizer/error';
 import { GenerationError, withModel } from '../generation/generate';
 import { SamplingError } from '../generation/sampling';
 import { ApiError } from './errors';
-import { TokenTexts } from './run_generation';
-import type { Usage } from './common';
+import { TokenTexts, type Usage } from './run_generation';
 
 /** A loaded model as the routes use it. */
 export interface ServedModel {

@@ -11,6 +11,13 @@ import type { SentencePieceProcessor } from '../tokenizer';
 import { TokenizerError } from '../tokenizer/error';
 import { runSequence, type Completion, type GenerateOptions, type TokenStep } from '../generation/generate';
 
+/** Token counts of a request, as OpenAI's `usage` gives them. */
+export interface Usage {
+  prompt_tokens: number;
+  completion_tokens: number;
+  total_tokens: number;
+}
+
 /** A token with its log probability, as the logprobs of a response list them. */
 export interface ScoredToken {
   id: number;

@@ -404,19 +404,21 @@ describe('serve: errors in OpenAI shape', () => {
   });
 
   it('a wrongly typed or out-of-range field is a 400 naming it, through the client', async () => {
-    const cases: [string, Promise<unknown>][] = [
-      ['max_tokens', client.completions.create({ model: MODEL, prompt: 'Hi', max_tokens: '5' as unknown as number })],
-      ['temperature', client.completions.create({ model: MODEL, prompt: 'Hi', temperature: 3 })],
-      ['prompt', client.completions.create({ model: MODEL, prompt: { text: 'Hi' } as unknown as string })],
-      ['prompt', client.completions.create({ model: MODEL, prompt: [1, 99999] })],
-      ['messages', client.chat.completions.create({ model: MODEL, messages: [{ role: 'tool', content: 'x', tool_call_id: 'a' }] })],
-      ['messages', client.chat.completions.create({ model: MODEL, messages: [{ role: 'assistant', content: 'Hi' }] })],
-      ['n', client.chat.completions.create({ model: MODEL, messages: [{ role: 'user', content: 'Hi' }], n: 2 })],
-      ['top_logprobs', client.chat.completions.create({ model: MODEL, messages: [{ role: 'user', content: 'Hi' }], top_logprobs: 2 })],
-      ['stream', client.completions.create({ model: MODEL, prompt: 'Hi', stream: 'yes' as unknown as false })],
+    // Each call starts only when its turn comes: a promise that rejects while an earlier one is awaited
+    // would be an unhandled rejection, which tfjs-wasm's emscripten handler turns into a crash.
+    const cases: [string, () => Promise<unknown>][] = [
+      ['max_tokens', () => client.completions.create({ model: MODEL, prompt: 'Hi', max_tokens: '5' as unknown as number })],
+      ['temperature', () => client.completions.create({ model: MODEL, prompt: 'Hi', temperature: 3 })],
+      ['prompt', () => client.completions.create({ model: MODEL, prompt: { text: 'Hi' } as unknown as string })],
+      ['prompt', () => client.completions.create({ model: MODEL, prompt: [1, 99999] })],
+      ['messages', () => client.chat.completions.create({ model: MODEL, messages: [{ role: 'tool', content: 'x', tool_call_id: 'a' }] })],
+      ['messages', () => client.chat.completions.create({ model: MODEL, messages: [{ role: 'assistant', content: 'Hi' }] })],
+      ['n', () => client.chat.completions.create({ model: MODEL, messages: [{ role: 'user', content: 'Hi' }], n: 2 })],
+      ['top_logprobs', () => client.chat.completions.create({ model: MODEL, messages: [{ role: 'user', content: 'Hi' }], top_logprobs: 2 })],
+      ['stream', () => client.completions.create({ model: MODEL, prompt: 'Hi', stream: 'yes' as unknown as false })],
     ];
     for (const [param, call] of cases) {
-      const err = await apiError(call);
+      const err = await apiError(call());
       expect(err.status, param).toBe(400);
       expect(err.param, param).toBe(param);
       expect(err.type, param).toBe('invalid_request_error');

@@ -1,167 +1,102 @@
 /**
  * Mistral 7B in one TypeScript file: a section-by-section port of mistral-src's `one_file_ref.py`
- * (commit c18d5b9, as released with Mistral 7B v0.1, September 2023) on TensorFlow.js tensors.
+ * (commit c18d5b9, Mistral 7B v0.1) on TensorFlow.js tensors. Read it beside the Python:
  *
- * Read it top to bottom beside the Python: ModelArgs, repeatKV, the rotary embeddings, Attention
- * with its rolling KV cache, FeedForward, RMSNorm, TransformerBlock, Transformer, Tokenizer,
- * generate and demo come in the same order and under the same names (in camelCase). What Python
- * gets for free from torch lives in folders of its own: reading the `.pth` checkpoint in
- * `checkpoint/`, SentencePiece in `tokenizer/`, the choice of tfjs backend in `runtime/`, and the
- * command line in `cli/`.
+ *   one_file_ref.py (lines)              here               what Python gets from torch lives in
+ *   ModelArgs (11-23)                     1. ModelArgs        model/params.ts (params.json checks)
+ *   repeat_kv (26-29)                     2. repeatKV
+ *   _reshape_for_broadcast, apply_rotary_emb (32-57)  3. applyRotaryEmb
+ *   Attention (60-149)                    4. Attention        model/weights.ts (nn.Linear: linear()),
+ *                                                             model/kv_cache.ts (the rolling buffer)
+ *   FeedForward, RMSNorm, TransformerBlock (152-207)  5, 6, 7.
+ *   precompute_freqs_cis (210-214)        8. precomputeFreqsCis
+ *   Transformer (217-277)                 9. Transformer      checkpoint/ (from_folder's reading),
+ *                                                             model/load.ts (load_state_dict's checks)
+ *   Tokenizer (280-298)                  10. Tokenizer        tokenizer/ (SentencePiece)
+ *   generate (301-343)                   11. generate         model/prefill.ts (chunk length)
+ *   demo, fire.Fire (346-364)            12. demo             cli/ (the command line, above this file)
  *
- * Shapes: B = batch size, T = tokens in this forward, D = dim, H = n_heads, K = n_kv_heads,
- * d = head_dim, F = hidden_dim, V = vocab_size, W = sliding_window, C = keys attended to.
- *
- * Every function that makes tensors either runs inside `tf.tidy` or hands its result to a caller
- * who disposes it: the tensor count after a call is the tensor count before it.
+ * Nothing under model/, checkpoint/, tokenizer/, runtime/ imports this file; cli/, generation/ and
+ * server/ sit above it. Shapes: B batch, T tokens in this forward, D dim, H n_heads, K n_kv_heads,
+ * r = H / K, d head_dim, F hidden_dim, V vocab_size, W sliding_window, C keys attended to. Every
+ * function that makes tensors runs in tf.tidy or hands its result to a caller who disposes it.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { openModel, type TokenizerSource } from './checkpoint';
+import type { WeightReader } from './checkpoint/types';
+import { KVCache, SlotBook, type CacheStep } from './model/kv_cache';
+import { loadStateDict, type LoadOptions } from './model/load';
+import { checkForwardInputs, MAX_POSITIONS, ModelArgsError, validateParams } from './model/params';
+import { chunkRanges, prefillChunkLength } from './model/prefill';
+import { readBack } from './model/host';
+import { linear, weight, type StateDict, Weight } from './model/weights';
+import { explainBackendFailure } from './runtime/backend';
 import { SentencePieceProcessor } from './tokenizer';
-import { widen16 } from './checkpoint/dtypes';
-import type { RawTensor, WeightReader } from './checkpoint/types';
-import { backendMemoryLimit, explainBackendFailure, BackendError } from './runtime/backend';
+export { CheckpointMismatchError, residentBytes, stateDictShapes, type LoadOptions } from './model/load';
+export { MAX_POSITIONS, ModelArgsError, prefillChunkLength, readBack, Weight, type StateDict };
 
 // ----------------------------------------------------------------------------------------------
-// ModelArgs: the hyperparameters, read from params.json
-
-export class ModelArgsError extends Error {
-  override name = 'ModelArgsError';
-}
-
-/** params.json's fields, as the reference's dataclass names them, and whether each is an integer. */
-const PARAMS_FIELDS = {
-  dim: 'int',
-  n_layers: 'int',
-  head_dim: 'int',
-  hidden_dim: 'int',
-  n_heads: 'int',
-  n_kv_heads: 'int',
-  sliding_window: 'int',
-  norm_eps: 'float',
-  vocab_size: 'int',
-} as const;
-
+// 1. ModelArgs: the hyperparameters, read from params.json
 export class ModelArgs {
   constructor(
-    readonly dim: number,
-    readonly nLayers: number,
-    readonly headDim: number,
-    readonly hiddenDim: number,
-    readonly nHeads: number,
-    readonly nKvHeads: number,
-    readonly slidingWindow: number,
-    readonly normEps: number,
+    readonly dim: number, readonly nLayers: number, readonly headDim: number, readonly hiddenDim: number,
+    readonly nHeads: number, readonly nKvHeads: number, readonly slidingWindow: number, readonly normEps: number,
     readonly vocabSize: number,
-    /** Not in v0.1's params.json, which used 10000; later releases write it. */
-    readonly ropeTheta: number = 10000,
+    readonly ropeTheta: number = 10000, // not in v0.1's params.json (10000 then); later releases write it
     public maxBatchSize: number = 0,
   ) {}
 
-  /** Validates a parsed params.json; `file` names it in errors. */
+  /** From a parsed params.json, validated (model/params.ts); `file` names it in errors. */
   static fromParams(params: unknown, file = 'params.json'): ModelArgs {
-    if (typeof params !== 'object' || params === null || Array.isArray(params)) {
-      throw new ModelArgsError(`${file}: expected a JSON object of model hyperparameters`);
-    }
-    const p = params as Record<string, unknown>;
-    const field = (name: string, kind: 'int' | 'float', fallback?: number): number => {
-      const v = p[name] ?? fallback;
-      if (v === undefined) throw new ModelArgsError(`${file}: missing field "${name}"`);
-      if (typeof v !== 'number' || !Number.isFinite(v)) {
-        throw new ModelArgsError(`${file}: field "${name}" must be a number, got ${JSON.stringify(v)}`);
-      }
-      if (kind === 'int' && !Number.isInteger(v)) {
-        throw new ModelArgsError(`${file}: field "${name}" must be an integer, got ${v}`);
-      }
-      if (v <= 0) throw new ModelArgsError(`${file}: field "${name}" must be positive, got ${v}`);
-      return v;
-    };
-    for (const key of Object.keys(p)) {
-      if (!(key in PARAMS_FIELDS) && key !== 'rope_theta') {
-        throw new ModelArgsError(
-          `${file}: unknown field "${key}" (Mistral 7B's fields are ${Object.keys(PARAMS_FIELDS).join(', ')}, rope_theta)`,
-        );
-      }
-    }
-    const f = PARAMS_FIELDS;
-    const args = new ModelArgs(
-      field('dim', f.dim),
-      field('n_layers', f.n_layers),
-      field('head_dim', f.head_dim),
-      field('hidden_dim', f.hidden_dim),
-      field('n_heads', f.n_heads),
-      field('n_kv_heads', f.n_kv_heads),
-      field('sliding_window', f.sliding_window),
-      field('norm_eps', f.norm_eps),
-      field('vocab_size', f.vocab_size),
-      field('rope_theta', 'float', 10000),
-    );
-    if (args.nHeads % args.nKvHeads !== 0) {
-      throw new ModelArgsError(
-        `${file}: field "n_heads" (${args.nHeads}) must be a multiple of "n_kv_heads" (${args.nKvHeads})`,
-      );
-    }
-    if (args.headDim % 2 !== 0) {
-      throw new ModelArgsError(`${file}: field "head_dim" must be even for rotary embeddings, got ${args.headDim}`);
-    }
-    return args;
+    const p = validateParams(params, file);
+    return new ModelArgs(p.dim, p.n_layers, p.head_dim, p.hidden_dim, p.n_heads, p.n_kv_heads, p.sliding_window, p.norm_eps, p.vocab_size, p.rope_theta);
   }
 }
 
 // ----------------------------------------------------------------------------------------------
-// repeatKV: grouped-query attention shares each key/value head among nHeads / nKvHeads queries
+// 2. repeatKV: grouped-query attention shares each key/value head among r = H / K query heads
 //
-// The reference's repeat_kv copies the keys and values once per query head that reads them.
-// Attention.forward below computes the same scores without the copies (grouping the queries by
-// key/value head instead; on wasm the copy was most of a decode step); this is the definition
-// that grouping follows.
+//   query heads (H = 32):  0  1  2  3 |  4  5  6  7 | ... | 28 29 30 31
+//   kv heads    (K = 8):        0     |      1      | ... |      7          query head h reads kv head floor(h / 4)
 
 export function repeatKV(keys: tf.Tensor4D, values: tf.Tensor4D, repeats: number): [tf.Tensor4D, tf.Tensor4D] {
-  // torch.repeat_interleave on dim 2: kv head k becomes heads k*repeats .. k*repeats + repeats-1.
-  const repeat = (x: tf.Tensor4D): tf.Tensor4D => {
-    const [b, c, k, d] = x.shape;
-    if (repeats === 1) return tf.clone(x);
-    // [B, C, K, d] -> [B, C, K, 1, d] -> [B, C, K, repeats, d] -> [B, C, K*repeats, d]
-    return tf.tidy(() => tf.reshape(tf.tile(tf.expandDims(x, 3), [1, 1, 1, repeats, 1]), [b, c, k * repeats, d]));
-  };
+  // torch.repeat_interleave on dim 2: [B, C, K, d] -> [B, C, K, repeats, d] -> [B, C, K*repeats, d]
+  const repeat = (x: tf.Tensor4D): tf.Tensor4D =>
+    tf.tidy(() => tf.reshape(tf.tile(tf.expandDims(x, 3), [1, 1, 1, repeats, 1]), [x.shape[0], x.shape[1], x.shape[2] * repeats, x.shape[3]]));
   return [repeat(keys), repeat(values)];
 }
 
+// The forward does not copy keys and values (on wasm the copies were most of a decode step): it
+// groups the queries by the kv head they read. Equality: scores = (repeat_kv'd keys) x query gives
+// query head h = k*r + j the product with kv head k = floor(h / r); so does multiplying kv head k's
+// keys once by its r grouped queries.
+
+/** [B, T, H, d] -> [B, T, K, r, d] -> [B, K, r, T, d] -> [B, K, r*T, d]: the r queries of each kv head together. */
+export function groupByKvHead(xq: tf.Tensor4D, nKvHeads: number): tf.Tensor4D {
+  const [b, t, h, d] = xq.shape; // r = h / nKvHeads
+  return tf.reshape(tf.transpose(tf.reshape(xq, [b, t, nKvHeads, h / nKvHeads, d]), [0, 2, 3, 1, 4]), [b, nKvHeads, h / nKvHeads * t, d]);
+}
+
+/** [B, K, r*T, d] -> [B, K, r, T, d] -> [B, T, K, r, d] -> [B, T, H*d]: one row per token, heads in order. */
+export function ungroupHeads(out: tf.Tensor4D, seqlen: number): tf.Tensor3D {
+  const [b, k, rt, d] = out.shape; // r = rt / seqlen
+  return tf.reshape(tf.transpose(tf.reshape(out, [b, k, rt / seqlen, seqlen, d]), [0, 3, 1, 2, 4]), [b, seqlen, k * (rt / seqlen) * d]);
+}
+
 // ----------------------------------------------------------------------------------------------
-// Rotary embeddings, in the reference's interleaved layout.
+// 3. applyRotaryEmb: each head vector as d/2 complex numbers x[2i] + i x[2i+1], times e^(i pos theta_i)
 //
-// The reference views each head vector x as headDim/2 complex numbers (x[2i] + i*x[2i+1]) and
-// multiplies number i by e^(i * pos * theta^(-2i/headDim)). The wasm backend has no complex
-// tensors, so we write the product out in real arithmetic:
-//   (a + ib)(cos + i sin) = (a cos - b sin) + i(a sin + b cos).
-// (Hugging Face's port uses the "half-split" layout instead: pairs (x[i], x[i + d/2]).)
+// No complex tensors on wasm: (a + ib)(cos + i sin) = (a cos - b sin) + i(a sin + b cos), written
+// out. The table rows broadcast over batch and heads as _reshape_for_broadcast arranges.
 
-/** The angles' cosines and sines for positions 0..end-1: cos, sin: [end, headDim/2]. */
-export interface FreqsCis {
-  cos: tf.Tensor2D;
-  sin: tf.Tensor2D;
-}
+/** The angles' cosines and sines, [positions, d/2] each (torch: one complex64 table). */
+export interface FreqsCis { cos: tf.Tensor2D; sin: tf.Tensor2D }
 
-export function precomputeFreqsCis(dim: number, end: number, theta = 10000.0): FreqsCis {
-  return tf.tidy(() => {
-    // freqs[i] = 1 / theta^(2i/dim): [dim/2]
-    const freqs: tf.Tensor1D = tf.div(1.0, tf.pow(theta, tf.div(tf.range(0, dim, 2, 'float32'), dim)));
-    // angles[t, i] = t * freqs[i]: [end, dim/2]
-    const t = tf.range(0, end, 1, 'float32');
-    const angles = tf.outerProduct(t, freqs);
-    return { cos: tf.cos(angles) as tf.Tensor2D, sin: tf.sin(angles) as tf.Tensor2D };
-  });
-}
-
-export function applyRotaryEmb(
-  xq: tf.Tensor4D,
-  xk: tf.Tensor4D,
-  freqsCis: FreqsCis, // cos, sin: [T, d/2], the rows for this forward's positions
-): [tf.Tensor4D, tf.Tensor4D] {
+export function applyRotaryEmb(xq: tf.Tensor4D, xk: tf.Tensor4D, freqsCis: FreqsCis): [tf.Tensor4D, tf.Tensor4D] {
   const rotate = (x: tf.Tensor4D): tf.Tensor4D =>
     tf.tidy(() => {
       const [b, t, h, d] = x.shape;
-      // cos, sin: [T, d/2] -> [1, T, 1, d/2, 1], to broadcast over batch, heads and each pair
+      // _reshape_for_broadcast: cos, sin [T, d/2] -> [1, T, 1, d/2, 1]
       const cos = tf.reshape(freqsCis.cos, [1, t, 1, d / 2, 1]);
       const sin = tf.reshape(freqsCis.sin, [1, t, 1, d / 2, 1]);
       // pairs (a, b): [B, T, h, d/2, 2]; swapped (-b, a): the pairs reversed, the first negated
@@ -174,257 +109,81 @@ export function applyRotaryEmb(
 }
 
 // ----------------------------------------------------------------------------------------------
-// A weight of the model and nn.Linear
-
-/**
- * A weight of the model. Normally a float32 tensor, loaded once. In low-memory mode (for models
- * whose float32 weights do not fit the backend) the layers' weights stay on the host as the
- * checkpoint stores them (bf16 for Mistral 7B), and each use widens one to a float32 tensor inside
- * the caller's tf.tidy, which frees it again: the backend holds one layer weight at a time.
- *
- * A resident linear weight is held transposed, [in, out], the layout in which the backend
- * multiplies fastest (see linear()); tensor() still gives it as stored, [out, in].
- */
-export class Weight {
-  private constructor(
-    readonly shape: number[],
-    private readonly resident: tf.Tensor | null,
-    private readonly host: RawTensor | null,
-    /** A resident linear weight, transposed once at load: [in, out]. */
-    readonly transposed: tf.Tensor2D | null = null,
-  ) {}
-
-  static resident(data: Float32Array, shape: number[]): Weight {
-    return new Weight(shape, tf.tensor(data, shape, 'float32'), null);
-  }
-
-  /** A resident nn.Linear weight [out, in], held as [in, out]. */
-  static residentLinear(data: Float32Array, shape: [number, number]): Weight {
-    const transposed = tf.tidy(() => tf.transpose(tf.tensor2d(data, shape, 'float32')));
-    // One multiplication now, so that the wasm backend packs the weight for XNNPACK while loading
-    // rather than in the first forward.
-    tf.tidy(() => {
-      tf.matMul(tf.zeros([1, shape[1]]), transposed);
-    });
-    return new Weight(shape, null, null, transposed);
-  }
-
-  static onHost(raw: RawTensor): Weight {
-    return new Weight(raw.shape, null, raw);
-  }
-
-  /**
-   * The float32 tensor as stored; a fresh one, owned by the enclosing tf.tidy, in low-memory mode
-   * and for a linear weight held transposed.
-   */
-  tensor(): tf.Tensor {
-    if (this.resident) return this.resident;
-    if (this.transposed) return tf.transpose(this.transposed);
-    return tf.tensor(widenOnHost(this.host!), this.shape, 'float32');
-  }
-
-  dispose(): void {
-    this.resident?.dispose();
-    this.transposed?.dispose();
-  }
-}
-
-/**
- * A 16-bit weight widened to float32 in one reused host buffer, which the backend copies from when
- * it makes the tensor. (A fresh array per use costs more than the widening itself: the pages of a
- * new 235 MB array, Mistral 7B's w1, take about 0.8 s to fault in here; widening into them, 0.06 s.)
- * Only the wasm backend copies the array at once; the others may keep it, so they get a fresh one.
- */
-let widenBuffer = new Float32Array(0);
-function widenOnHost(raw: RawTensor): Float32Array {
-  if (raw.dtype === 'float32') return raw.data as Float32Array;
-  const n = raw.data.length;
-  const reuse = tf.getBackend() === 'wasm';
-  if (reuse && widenBuffer.length < n) widenBuffer = new Float32Array(n);
-  const out = reuse ? widenBuffer.subarray(0, n) : new Float32Array(n);
-  widen16(raw.dtype, raw.data as Uint16Array, out);
-  return out;
-}
-
-/** The model's weights by their names in consolidated.00.pth. */
-export type StateDict = Map<string, Weight>;
-
-function weight(stateDict: StateDict, name: string): Weight {
-  const w = stateDict.get(name);
-  if (w === undefined) throw new Error(`state dict has no "${name}"`);
-  return w;
-}
-
-/** Swaps a long-lived tensor for its new value: frees the old one, keeps the new one out of tf.tidy. */
-function replace<T extends tf.Tensor>(old: T, next: T): T {
-  old.dispose();
-  return tf.keep(next);
-}
-
-/**
- * nn.Linear without bias: y = x W^T, with W stored as torch stores it, [out, in].
- *
- * How it is multiplied matters on the wasm backend, which runs matMul through XNNPACK only when
- * neither operand is transposed (else a plain loop, 5 to 40 times slower) and packs the right
- * operand once per tensor. A resident weight is held as W^T, [in, out]: y = x W^T, packed once. A
- * low-memory weight is a fresh tensor at every use: y = (W x^T)^T, which packs only the small x^T.
- * Both sum each output over `in` in the same order, so they give the same bits.
- */
-function linear(x: tf.Tensor, w: Weight): tf.Tensor {
-  return tf.tidy(() => {
-    const [outFeatures, inFeatures] = w.shape as [number, number];
-    const lead = x.shape.slice(0, -1) as number[];
-    const x2d = tf.reshape(x, [-1, inFeatures]) as tf.Tensor2D; // [N, in]
-    const y = w.transposed
-      ? tf.matMul(x2d, w.transposed) // [N, in] @ [in, out] -> [N, out]
-      : tf.transpose(tf.matMul(w.tensor() as tf.Tensor2D, tf.transpose(x2d))); // ([out, in] @ [in, N])^T
-    return tf.reshape(y, [...lead, outFeatures]);
-  });
-}
-
-// ----------------------------------------------------------------------------------------------
-// Attention, with a rolling KV cache of slidingWindow entries
-
+// 4. Attention, with a rolling KV cache of W slots
 export class Attention {
   readonly nHeads: number;
   readonly nKvHeads: number;
   readonly repeats: number;
   readonly slidingWindow: number;
   readonly scale: number;
+  readonly wq: Weight; readonly wk: Weight; readonly wv: Weight; readonly wo: Weight; // [H*d, D], [K*d, D], [K*d, D], [D, H*d]
+  readonly cache: KVCache; // k, v: [maxBatchSize, slots <= W, K, d]
 
-  readonly wq: Weight; // [H*d, D]
-  readonly wk: Weight; // [K*d, D]
-  readonly wv: Weight; // [K*d, D]
-  readonly wo: Weight; // [D, H*d]
-  // The cache is a rotating buffer: position p lives in slot p % W. cacheK, cacheV: [maxBatchSize, S, K, d].
-  // The reference allocates all S = W slots up front; here the buffer grows with the positions seen,
-  // up to W (same results; memory for only what is used: Mistral 7B's full window is 1 GiB per row).
-  cacheK: tf.Tensor4D;
-  cacheV: tf.Tensor4D;
-
-  constructor(
-    readonly args: ModelArgs,
-    stateDict: StateDict,
-    prefix: string,
-  ) {
+  constructor(readonly args: ModelArgs, stateDict: StateDict, prefix: string) {
     this.nHeads = args.nHeads;
     this.nKvHeads = args.nKvHeads;
     this.repeats = this.nHeads / this.nKvHeads;
     this.slidingWindow = args.slidingWindow;
     this.scale = args.headDim ** -0.5;
-
-    this.wq = weight(stateDict, `${prefix}.wq.weight`);
-    this.wk = weight(stateDict, `${prefix}.wk.weight`);
-    this.wv = weight(stateDict, `${prefix}.wv.weight`);
-    this.wo = weight(stateDict, `${prefix}.wo.weight`);
-    this.cacheK = tf.zeros([args.maxBatchSize, 0, this.nKvHeads, args.headDim]);
-    this.cacheV = tf.zeros([args.maxBatchSize, 0, this.nKvHeads, args.headDim]);
+    [this.wq, this.wk, this.wv, this.wo] = ['wq', 'wk', 'wv', 'wo'].map((w) => weight(stateDict, `${prefix}.${w}.weight`));
+    this.cache = new KVCache(args.maxBatchSize, this.nKvHeads, args.headDim);
   }
 
-  /** Makes room for positions up to `lastPos`: the cache doubles as needed, up to W slots. */
-  private growCache(lastPos: number): void {
-    const slots = this.cacheK.shape[1];
-    if (lastPos < slots || slots === this.slidingWindow) return;
-    const grown = Math.min(this.slidingWindow, Math.max(lastPos + 1, 2 * slots));
-    const padding: [number, number][] = [[0, 0], [0, grown - slots], [0, 0], [0, 0]];
-    this.cacheK = replace(this.cacheK, tf.pad(this.cacheK, padding));
-    this.cacheV = replace(this.cacheV, tf.pad(this.cacheV, padding));
-  }
-
-  forward(
-    x: tf.Tensor3D, // [B, T, D]
-    freqsCis: FreqsCis, // [T, d/2] each
-    positions: number[], // [T], the absolute positions of this forward's tokens
-    mask: tf.Tensor2D | null, // [T, C], or null for a single token
-  ): tf.Tensor3D {
+  forward(x: tf.Tensor3D, freqsCis: FreqsCis, positions: number[], mask: tf.Tensor2D | null, step: CacheStep): tf.Tensor3D {
     return tf.tidy(() => {
       const [bsz, seqlen] = x.shape;
       const { headDim } = this.args;
-
-      // xq: [B, T, H, d]; xk, xv: [B, T, K, d]
-      let xq = tf.reshape(linear(x, this.wq), [bsz, seqlen, this.nHeads, headDim]) as tf.Tensor4D;
-      let xk = tf.reshape(linear(x, this.wk), [bsz, seqlen, this.nKvHeads, headDim]) as tf.Tensor4D;
+      const xq = tf.reshape(linear(x, this.wq), [bsz, seqlen, this.nHeads, headDim]) as tf.Tensor4D; // [B, T, H, d]
+      const xk0 = tf.reshape(linear(x, this.wk), [bsz, seqlen, this.nKvHeads, headDim]) as tf.Tensor4D; // [B, T, K, d]
       const xv = tf.reshape(linear(x, this.wv), [bsz, seqlen, this.nKvHeads, headDim]) as tf.Tensor4D;
-      [xq, xk] = applyRotaryEmb(xq, xk, freqsCis);
+      const [q, xk] = applyRotaryEmb(xq, xk0, freqsCis);
 
-      // The cache is a rotating buffer: write the last W positions of this forward into their slots.
-      const W = this.slidingWindow;
-      const kept = Math.min(seqlen, W);
-      const slots = positions.slice(seqlen - kept).map((p) => p % W); // [kept]
-      // scatterPos: [B, kept, 2], pairs (batch row, slot)
-      const scatterPos = tf.tensor3d(
-        Array.from({ length: bsz }, (_, b) => slots.flatMap((s) => [b, s])).flat(),
-        [bsz, kept, 2],
-        'int32',
-      );
-      const lastK = kept === seqlen ? xk : tf.slice(xk, [0, seqlen - kept], [bsz, kept]); // [B, kept, K, d]
-      const lastV = kept === seqlen ? xv : tf.slice(xv, [0, seqlen - kept], [bsz, kept]);
-      // Not in one_file_ref.py, whose prefill always starts at position 0: a chunk that continues a
-      // sequence (main.py's chunked prefill, a chat turn) also attends to the W-1 positions before
-      // it, read from the cache before this chunk overwrites their slots.
-      const previous = seqlen > 1 ? Math.min(W - 1, positions[0]) : 0;
-      const previousSlots = Array.from({ length: previous }, (_, i) => (positions[0] - previous + i) % W);
-      const readPrevious = (cache: tf.Tensor4D): tf.Tensor4D =>
-        tf.gather(tf.slice(cache, [0, 0], [bsz, -1]), tf.tensor1d(previousSlots, 'int32'), 1); // [B, previous, K, d]
-      const previousK = previous > 0 ? readPrevious(this.cacheK) : null;
-      const previousV = previous > 0 ? readPrevious(this.cacheV) : null;
-      this.growCache(positions[seqlen - 1]);
-      this.cacheK = replace(this.cacheK, tf.tensorScatterUpdate(this.cacheK, scatterPos, lastK));
-      this.cacheV = replace(this.cacheV, tf.tensorScatterUpdate(this.cacheV, scatterPos, lastV));
+      // The cache is a rotating buffer: position p goes to slot p % W; only the last W positions of
+      // a forward are written. W = 4, after a prefill of positions 0..5 and a decode step at 6:
+      //   slot:                0  1  2  3
+      //   after prefill 0..5:  4  5  2  3      (0 and 1 were overwritten by 4 and 5)
+      //   after decode at 6:   4  5  6  3      (6 attends to 3, 4, 5 and itself)
+      // Not in the Python, whose prefill always starts a sequence: a chunk that continues one also
+      // attends to the `step.earlier` positions before it that the cache holds (read before this
+      // chunk overwrites their slots). A fresh sequence, at position 0 or any other, has none.
+      const { earlier, slots, book } = step;
+      const previous = seqlen > 1 && earlier > 0 ? this.cache.read(bsz, book, positions[0] - earlier, earlier) : null;
+      const kept = slots.length; // min(T, W)
+      const last = (t: tf.Tensor4D): tf.Tensor4D => (kept === seqlen ? t : tf.slice(t, [0, seqlen - kept], [bsz, kept])); // [B, kept, K, d]
+      this.cache.write(book, slots, last(xk), last(xv));
 
-      let keys: tf.Tensor4D; // [B, C, K, d]
-      let values: tf.Tensor4D;
-      if (positions.length > 1) {
-        // prefill: attend within this forward's tokens (after the previous ones, if any); the mask
-        // keeps it causal and windowed.
-        keys = previousK ? tf.concat([previousK, xk], 1) : xk; // [B, previous + T, K, d]
-        values = previousV ? tf.concat([previousV, xv], 1) : xv;
-      } else {
-        // decode: attend to every filled slot of the cache (at most W: the token itself and the
-        // W-1 before it). Their order in the buffer does not matter: attention is a weighted sum
-        // and the rotary embedding already carries each key's position.
-        const curPos = Math.min(positions[positions.length - 1] + 1, W);
-        keys = tf.slice(this.cacheK, [0, 0], [bsz, curPos]) as tf.Tensor4D; // [B, C, K, d]
-        values = tf.slice(this.cacheV, [0, 0], [bsz, curPos]) as tf.Tensor4D;
-      }
+      // keys, values: [B, C, K, d]. Prefill: the earlier positions, then this forward's tokens (the
+      // mask keeps it causal and windowed). Decode: the token and the `earlier` positions before it,
+      // from the cache, C = earlier + 1 <= W, in any order (no mask; the rotary embedding already
+      // carries each key's position).
+      const [keys, values] = seqlen > 1
+        ? previous ? [tf.concat([previous[0], xk], 1), tf.concat([previous[1], xv], 1)] : [xk, xv]
+        : this.cache.read(bsz, book, positions[0] - earlier, earlier + 1, true);
 
-      // Grouped-query attention. The reference copies each key/value head for its `repeats` query
-      // heads (repeat_kv, [B, C, H, d]); grouping the queries by key/value head instead computes the
-      // same scores without the copies: query head h = k * repeats + j reads key/value head k.
-      const [K, r, C] = [this.nKvHeads, this.repeats, keys.shape[1]];
-      // [B, T, H, d] -> [B, T, K, r, d] -> [B, K, r, T, d] -> [B, K, r*T, d]
-      const query = tf.reshape(tf.transpose(tf.reshape(xq, [bsz, seqlen, K, r, headDim]), [0, 2, 3, 1, 4]), [bsz, K, r * seqlen, headDim]);
-      const keyT = tf.transpose(keys, [0, 2, 1, 3]); // [B, K, C, d]
-      const valueT = tf.transpose(values, [0, 2, 1, 3]); // [B, K, C, d]
-      // scores: [B, K, r*T, C], seen as [B, K, r, T, C] = [B, H, T, C] for the mask
-      let scores = tf.mul(tf.matMul(query, keyT, false, true), this.scale);
-      if (mask !== null) scores = tf.reshape(tf.add(tf.reshape(scores, [bsz, K, r, seqlen, C]), mask), [bsz, K, r * seqlen, C]);
+      // Grouped-query attention (section 2): query = groupByKvHead(q), [B, K, r*T, d]; keys and
+      // values per kv head, [B, K, C, d]; scores [B, K, r*T, C], seen as [B, H, T, C] for the mask.
+      const C = keys.shape[1];
+      const query = groupByKvHead(q, this.nKvHeads);
+      const key = tf.transpose(keys, [0, 2, 1, 3]);
+      const value = tf.transpose(values, [0, 2, 1, 3]);
+      let scores = tf.mul(tf.matMul(query, key, false, true), this.scale);
+      if (mask !== null) scores = tf.reshape(tf.add(tf.reshape(scores, [bsz, this.nKvHeads, this.repeats, seqlen, C]), mask), [bsz, this.nKvHeads, this.repeats * seqlen, C]);
       scores = tf.softmax(scores, -1);
-      const output = tf.matMul(scores, valueT); // [B, K, r*T, d]
-      // [B, K, r, T, d] -> [B, T, K, r, d] -> [B, T, H*d]
-      const merged = tf.reshape(tf.transpose(tf.reshape(output, [bsz, K, r, seqlen, headDim]), [0, 3, 1, 2, 4]), [bsz, seqlen, this.nHeads * headDim]);
-      return linear(merged, this.wo) as tf.Tensor3D; // [B, T, D]
+      const output = ungroupHeads(tf.matMul(scores, value) as tf.Tensor4D, seqlen); // [B, T, H*d]
+      return linear(output, this.wo) as tf.Tensor3D; // [B, T, D]
     });
   }
 
-  dispose(): void {
-    this.cacheK.dispose();
-    this.cacheV.dispose();
-  }
+  dispose(): void { this.cache.dispose(); }
 }
 
 // ----------------------------------------------------------------------------------------------
-// FeedForward: SwiGLU, w2(silu(w1 x) * w3 x)
-
+// 5. FeedForward: SwiGLU, w2(silu(w1 x) * w3 x)
 export class FeedForward {
-  readonly w1: Weight; // [F, D]
-  readonly w2: Weight; // [D, F]
-  readonly w3: Weight; // [F, D]
+  readonly w1: Weight; readonly w2: Weight; readonly w3: Weight; // [F, D], [D, F], [F, D]
 
   constructor(stateDict: StateDict, prefix: string) {
-    this.w1 = weight(stateDict, `${prefix}.w1.weight`);
-    this.w2 = weight(stateDict, `${prefix}.w2.weight`);
-    this.w3 = weight(stateDict, `${prefix}.w3.weight`);
+    [this.w1, this.w2, this.w3] = ['w1', 'w2', 'w3'].map((w) => weight(stateDict, `${prefix}.${w}.weight`));
   }
 
   forward(x: tf.Tensor3D): tf.Tensor3D {
@@ -437,13 +196,9 @@ export class FeedForward {
 }
 
 // ----------------------------------------------------------------------------------------------
-// RMSNorm: x / sqrt(mean(x^2) + eps), times a learned gain per channel
-
+// 6. RMSNorm: x / sqrt(mean(x^2) + eps), times a learned gain per channel
 export class RMSNorm {
-  constructor(
-    readonly weight: Weight, // [D]
-    readonly eps = 1e-6,
-  ) {}
+  constructor(readonly weight: Weight, readonly eps = 1e-6) {} // weight: [D]
 
   forward(x: tf.Tensor3D): tf.Tensor3D {
     return tf.tidy(() => {
@@ -454,8 +209,7 @@ export class RMSNorm {
 }
 
 // ----------------------------------------------------------------------------------------------
-// TransformerBlock: pre-norm attention and feed-forward, each added to the residual stream
-
+// 7. TransformerBlock: pre-norm attention and feed-forward, each added to the residual stream
 export class TransformerBlock {
   readonly attention: Attention;
   readonly feedForward: FeedForward;
@@ -469,45 +223,47 @@ export class TransformerBlock {
     this.ffnNorm = new RMSNorm(weight(stateDict, `${prefix}.ffn_norm.weight`), args.normEps);
   }
 
-  forward(x: tf.Tensor3D, freqsCis: FreqsCis, positions: number[], mask: tf.Tensor2D | null): tf.Tensor3D {
+  forward(x: tf.Tensor3D, freqsCis: FreqsCis, positions: number[], mask: tf.Tensor2D | null, step: CacheStep): tf.Tensor3D {
     return tf.tidy(() => {
-      const h = tf.add(x, this.attention.forward(this.attentionNorm.forward(x), freqsCis, positions, mask));
+      const h = tf.add(x, this.attention.forward(this.attentionNorm.forward(x), freqsCis, positions, mask, step));
       return tf.add(h, this.feedForward.forward(this.ffnNorm.forward(h as tf.Tensor3D))) as tf.Tensor3D;
     });
   }
 }
 
 // ----------------------------------------------------------------------------------------------
-// Transformer: embeddings, the blocks, a final norm and the output projection
-
-/** How many positions the rotary table covers, as in the reference. */
-export const MAX_POSITIONS = 128_000;
-
-/** Every weight of consolidated.00.pth with its shape, as the reference's modules declare them. */
-export function stateDictShapes(args: ModelArgs): Map<string, number[]> {
-  const { dim, headDim, hiddenDim, nHeads, nKvHeads, vocabSize } = args;
-  const shapes = new Map<string, number[]>();
-  shapes.set('tok_embeddings.weight', [vocabSize, dim]); // [V, D]
-  for (let i = 0; i < args.nLayers; i++) {
-    const p = `layers.${i}`;
-    shapes.set(`${p}.attention.wq.weight`, [nHeads * headDim, dim]); // [H*d, D]
-    shapes.set(`${p}.attention.wk.weight`, [nKvHeads * headDim, dim]); // [K*d, D]
-    shapes.set(`${p}.attention.wv.weight`, [nKvHeads * headDim, dim]); // [K*d, D]
-    shapes.set(`${p}.attention.wo.weight`, [dim, nHeads * headDim]); // [D, H*d]
-    shapes.set(`${p}.feed_forward.w1.weight`, [hiddenDim, dim]); // [F, D]
-    shapes.set(`${p}.feed_forward.w2.weight`, [dim, hiddenDim]); // [D, F]
-    shapes.set(`${p}.feed_forward.w3.weight`, [hiddenDim, dim]); // [F, D]
-    shapes.set(`${p}.attention_norm.weight`, [dim]); // [D]
-    shapes.set(`${p}.ffn_norm.weight`, [dim]); // [D]
+// 8. precomputeFreqsCis: cos and sin of pos * theta^(-2i/d), for every position
+export function precomputeFreqsCis(dim: number, end: number, theta = 10000.0): FreqsCis {
+  // On the host, each step rounded to float32 as torch computes it: the reference's angles bit for
+  // bit (at position 127,990 they are up to 7.5e-3 rad off exact ones for d = 128), cos and sin
+  // within one float32 ulp of torch.polar's. freqs: [d/2]; angles[t, i] = t * freqs[i]: [end, d/2].
+  const half = dim / 2;
+  const freqs = Float64Array.from({ length: half }, (_, i) => Math.fround(1 / Math.fround(Math.pow(theta, Math.fround((2 * i) / dim)))));
+  const [cos, sin] = [new Float32Array(end * half), new Float32Array(end * half)];
+  for (let t = 0; t < end; t++) {
+    for (let i = 0; i < half; i++) {
+      cos[t * half + i] = Math.cos(Math.fround(t * freqs[i]));
+      sin[t * half + i] = Math.sin(Math.fround(t * freqs[i]));
+    }
   }
-  shapes.set('norm.weight', [dim]); // [D]
-  shapes.set('output.weight', [vocabSize, dim]); // [V, D]
-  return shapes;
+  return { cos: tf.tensor2d(cos, [end, half]), sin: tf.tensor2d(sin, [end, half]) };
 }
 
+// ----------------------------------------------------------------------------------------------
+// 9. Transformer: embeddings, the blocks, a final norm and the output projection
 /**
- * The additive attention mask: 0 where the query at queryPositions[i] may see the key at position
- * firstKey + j, -inf elsewhere. A query sees the W keys from its own position back: 0 <= q - k < W.
+ * The additive attention mask [T, C]: 0 where the query at queryPositions[i] may see the key at
+ * position firstKey + j, -inf elsewhere. One definition of the window for every path: a query sees
+ * W keys, itself and the W-1 before it (0 <= q - k < W), what the decode cache of W slots holds; so
+ * do the reference's xformers path and Hugging Face's port. W = 4 over a 6-token prefill:
+ *
+ *       key  0  1  2  3  4  5
+ *   query 0  0  .  .  .  .  .        0: attends (adds 0)   .: -inf
+ *   query 1  0  0  .  .  .  .
+ *   query 2  0  0  0  .  .  .
+ *   query 3  0  0  0  0  .  .
+ *   query 4  x  0  0  0  0  .        x: the reference's prefill mask, triu(tril(ones), -W), also
+ *   query 5  .  x  0  0  0  0           shows these: W+1 keys, disagreeing with its own cache
  */
 export function slidingWindowMask(queryPositions: number[], firstKey: number, slidingWindow: number): tf.Tensor2D {
   return tf.tidy(() => {
@@ -520,10 +276,6 @@ export function slidingWindowMask(queryPositions: number[], firstKey: number, sl
   });
 }
 
-export class CheckpointMismatchError extends Error {
-  override name = 'CheckpointMismatchError';
-}
-
 export class Transformer {
   readonly vocabSize: number;
   readonly nLayers: number;
@@ -532,11 +284,10 @@ export class Transformer {
   readonly norm: RMSNorm;
   readonly output: Weight; // [V, D]
   readonly freqsCis: FreqsCis; // [MAX_POSITIONS, d/2] each
+  /** Which position each cache slot holds, for every layer (they are written together). */
+  book: SlotBook;
 
-  constructor(
-    readonly args: ModelArgs,
-    readonly stateDict: StateDict,
-  ) {
+  constructor(readonly args: ModelArgs, readonly stateDict: StateDict) {
     this.vocabSize = args.vocabSize;
     this.nLayers = args.nLayers;
     this.tokEmbeddings = weight(stateDict, 'tok_embeddings.weight');
@@ -544,41 +295,33 @@ export class Transformer {
     this.norm = new RMSNorm(weight(stateDict, 'norm.weight'), args.normEps);
     this.output = weight(stateDict, 'output.weight');
     this.freqsCis = precomputeFreqsCis(args.headDim, MAX_POSITIONS, args.ropeTheta);
+    this.book = new SlotBook(args.slidingWindow);
   }
 
   /**
-   * inputIds: [B, T] int32; positions: [T] int32, the absolute position of each column.
-   * T > 1 is a prefill (tokens attend to each other under the mask); T = 1 is a decode step
-   * (the token attends to the cache). Returns logits: [B, T, V] float32; the caller disposes it.
+   * inputIds: [B, T] int32; positions: [T] int32. Returns logits [B, T, V] float32 (the caller
+   * disposes them). T > 1 is a prefill (tokens attend to each other under the mask), T = 1 a decode
+   * step (the token attends to the cache). W = 4, a 6-token prompt in chunks of 4, then decoding:
+   *
+   *   positions    0 1 2 3 | 4 5         | 6             | 7 ...
+   *   forward      prefill | chunk       | decode        | decode
+   *   earlier      0       | 3 (1, 2, 3) | 3 (3, 4, 5)   | 3
+   *   keys C       4       | 3 + 2       | 3 + 1, cache  | 4
+   *   mask         [4, 4]  | [2, 5]      | none          | none
    */
   forward(inputIds: tf.Tensor2D, positions: tf.Tensor1D): tf.Tensor3D {
-    const seqlen = inputIds.shape[1];
     const pos = Array.from(positions.dataSync());
-    checkForwardInputs(this.args, inputIds, pos);
+    checkForwardInputs(this.args, inputIds.shape, inputIds.dataSync(), pos);
+    // Counted once, for the mask and every layer's keys: the positions right before pos[0] that the
+    // cache holds (none for a fresh sequence wherever it starts); then the slots this forward fills.
+    const earlier = this.book.earlierKeys(pos[0]);
+    const step: CacheStep = { earlier, slots: this.book.write(pos), book: this.book };
     try {
       return tf.tidy(() => {
         let h = tf.gather(this.tokEmbeddings.tensor(), inputIds) as tf.Tensor3D; // [B, T, D]
-        const freqsCis: FreqsCis = {
-          cos: tf.gather(this.freqsCis.cos, positions), // [T, d/2]
-          sin: tf.gather(this.freqsCis.sin, positions),
-        };
-
-        let mask: tf.Tensor2D | null = null;
-        if (seqlen > 1) {
-          // The sliding window, one definition for every path: a query at position i sees the W
-          // keys i-W+1 .. i, itself and the W-1 before it, which is exactly what the decode cache
-          // of W slots holds. (The reference's prefill mask, triu(tril(ones), diagonal=-W), lets
-          // it see W+1 keys, i-W .. i, disagreeing with its own cache; its xformers path
-          // make_local_attention(W) and Hugging Face's port use W keys, as we do.)
-          // The keys are this forward's tokens, after the W-1 cached positions before them when it
-          // continues a sequence (none for a prefill from position 0).
-          const previous = Math.min(this.args.slidingWindow - 1, pos[0]);
-          mask = slidingWindowMask(pos, pos[0] - previous, this.args.slidingWindow); // [T, previous + T]
-        }
-
-        for (const layer of this.layers) {
-          h = layer.forward(h, freqsCis, pos, mask);
-        }
+        const freqsCis: FreqsCis = { cos: tf.gather(this.freqsCis.cos, positions), sin: tf.gather(this.freqsCis.sin, positions) }; // [T, d/2]
+        const mask = pos.length > 1 ? slidingWindowMask(pos, pos[0] - earlier, this.args.slidingWindow) : null; // [T, earlier + T]
+        for (const layer of this.layers) h = layer.forward(h, freqsCis, pos, mask, step);
         return linear(this.norm.forward(h), this.output) as tf.Tensor3D; // [B, T, V]
       });
     } catch (err) {
@@ -586,42 +329,20 @@ export class Transformer {
     }
   }
 
-  /**
-   * Loads params.json and consolidated.00.pth from an official model folder, or the same model
-   * from any layout checkpoint/ reads (the official .tar, consolidated.safetensors, Hugging Face).
-   */
+  /** from_folder: params.json and the weights from any layout checkpoint/ reads (folder, .tar, safetensors, HF). */
   static async fromFolder(folder: string, opts: LoadOptions = {}): Promise<Transformer> {
     const files = await openModel(folder, { onProgress: opts.onProgress });
     try {
       return Transformer.fromCheckpoint(files.params, files.paramsFile, files.weights, opts);
-    } finally {
-      files.close();
-    }
+    } finally { files.close(); }
   }
 
-  /** Builds the model from params.json's contents and a reader of its weights. */
+  /** Builds the model from params.json's contents and a reader of its weights (load_state_dict: model/load.ts). */
   static fromCheckpoint(params: unknown, paramsFile: string, checkpoint: WeightReader, opts: LoadOptions = {}): Transformer {
     const args = ModelArgs.fromParams(params, paramsFile);
     args.maxBatchSize = opts.maxBatchSize ?? 1;
-    // Like torch's load_state_dict(strict=True): every key present, none extra, every shape right,
-    // all checked before a single weight is read.
-    const expected = stateDictShapes(args);
-    checkStateDict(checkpoint.path, expected, checkpoint.tensors);
-    const lowMemory = chooseLowMemory(args, opts.lowMemory ?? 'auto', checkpoint.path);
-
-    const stateDict: StateDict = new Map();
-    for (const [name, shape] of expected) {
-      const hostSide = lowMemory && name.startsWith('layers.');
-      const isLinear = shape.length === 2 && name !== 'tok_embeddings.weight';
-      stateDict.set(
-        name,
-        hostSide
-          ? Weight.onHost(checkpoint.readRaw(name))
-          : isLinear
-            ? Weight.residentLinear(checkpoint.read(name), shape as [number, number])
-            : Weight.resident(checkpoint.read(name), shape),
-      );
-    }
+    const { stateDict, decision } = loadStateDict(args, checkpoint, opts);
+    if (decision !== undefined) (opts.onDecision ?? ((line: string) => process.stderr.write(`${line}\n`)))(decision);
     return new Transformer(args, stateDict);
   }
 
@@ -629,120 +350,12 @@ export class Transformer {
   dispose(): void {
     for (const w of this.stateDict.values()) w.dispose();
     for (const layer of this.layers) layer.attention.dispose();
-    this.freqsCis.cos.dispose();
-    this.freqsCis.sin.dispose();
-  }
-}
-
-export interface LoadOptions {
-  /** Rows of the KV cache, the largest batch forward() accepts (default 1). */
-  maxBatchSize?: number;
-  /**
-   * Keep the layers' weights on the host as stored and widen each to float32 only while it runs.
-   * 'auto' (the default) turns it on when the float32 weights would not fit the backend.
-   */
-  lowMemory?: boolean | 'auto';
-  /** Called as weights are read, with the checkpoint's bytes read so far and in all. */
-  onProgress?: (bytesDone: number, bytesTotal: number) => void;
-}
-
-/**
- * Bytes of float32 tensors the backend must hold, with all weights resident or with one layer
- * weight at a time, plus the rotary tables and one batch row of KV cache at the full window (the
- * cache grows with use; more rows or positions than fit fail later with a clear out-of-memory error).
- */
-export function residentBytes(args: ModelArgs): { full: number; lowMemory: number } {
-  const numel = (shape: number[]): number => shape.reduce((a, b) => a * b, 1);
-  let layers = 0;
-  let others = 0;
-  let largestLayerWeight = 0;
-  for (const [name, shape] of stateDictShapes(args)) {
-    if (name.startsWith('layers.')) {
-      layers += numel(shape);
-      largestLayerWeight = Math.max(largestLayerWeight, numel(shape));
-    } else {
-      others += numel(shape);
-    }
-  }
-  const cache = 2 * args.nLayers * args.slidingWindow * args.nKvHeads * args.headDim;
-  const rope = MAX_POSITIONS * args.headDim;
-  return { full: 4 * (others + layers + cache + rope), lowMemory: 4 * (others + largestLayerWeight + cache + rope) };
-}
-
-function chooseLowMemory(args: ModelArgs, wanted: boolean | 'auto', source: string): boolean {
-  const limit = backendMemoryLimit();
-  const bytes = residentBytes(args);
-  const gib = (n: number): string => `${(n / 1024 ** 3).toFixed(1)} GiB`;
-  const fits = (n: number): boolean => limit === undefined || n <= 0.9 * limit;
-  // On wasm, XNNPACK also keeps a packed copy of every resident linear weight (see linear()).
-  let linearLayers = 0;
-  let linearOthers = 0;
-  for (const [name, shape] of stateDictShapes(args)) {
-    if (shape.length !== 2 || name === 'tok_embeddings.weight') continue;
-    if (name.startsWith('layers.')) linearLayers += 4 * shape[0] * shape[1];
-    else linearOthers += 4 * shape[0] * shape[1];
-  }
-  const packed = tf.getBackend() === 'wasm' ? { full: linearLayers + linearOthers, lowMemory: linearOthers } : { full: 0, lowMemory: 0 };
-  const full = bytes.full + packed.full;
-  const lowMemory = wanted === 'auto' ? !fits(full) : wanted;
-  if (wanted === 'auto' && lowMemory) {
-    process.stderr.write(
-      `low-memory mode: float32 weights need ${gib(full)}, the backend holds ${gib(limit!)}; ` +
-        'layers stay on the host as stored and are widened to float32 one weight at a time\n',
-    );
-  }
-  const need = lowMemory ? bytes.lowMemory + packed.lowMemory : full;
-  if (!fits(need)) {
-    throw new BackendError(
-      `${source}: the model needs ${gib(need)} of float32 tensors${lowMemory ? ' even in low-memory mode' : ''}, ` +
-        `more than the backend's ${gib(limit!)}; use a native backend on a machine with more memory`,
-    );
-  }
-  return lowMemory;
-}
-
-function checkStateDict(
-  file: string,
-  expected: Map<string, number[]>,
-  found: ReadonlyMap<string, { shape: number[] }>,
-): void {
-  for (const [name, shape] of expected) {
-    const record = found.get(name);
-    if (record === undefined) throw new CheckpointMismatchError(`${file}: missing weight "${name}" (params.json expects it)`);
-    if (record.shape.length !== shape.length || record.shape.some((n, i) => n !== shape[i])) {
-      throw new CheckpointMismatchError(
-        `${file}: weight "${name}" has shape [${record.shape}], params.json implies [${shape}]`,
-      );
-    }
-  }
-  for (const name of found.keys()) {
-    if (!expected.has(name)) {
-      throw new CheckpointMismatchError(`${file}: unexpected weight "${name}" (not in a model of this params.json)`);
-    }
-  }
-}
-
-function checkForwardInputs(args: ModelArgs, inputIds: tf.Tensor2D, positions: number[]): void {
-  const [bsz, seqlen] = inputIds.shape;
-  if (bsz > args.maxBatchSize) {
-    throw new RangeError(`batch of ${bsz} rows exceeds maxBatchSize ${args.maxBatchSize}`);
-  }
-  if (positions.length !== seqlen) {
-    throw new RangeError(`positions has ${positions.length} entries for ${seqlen} tokens`);
-  }
-  if (positions.some((p) => !Number.isInteger(p) || p < 0 || p >= MAX_POSITIONS)) {
-    throw new RangeError(`positions must be integers in [0, ${MAX_POSITIONS})`);
-  }
-  for (const id of inputIds.dataSync()) {
-    if (!Number.isInteger(id) || id < 0 || id >= args.vocabSize) {
-      throw new RangeError(`token id ${id} is outside the vocabulary [0, ${args.vocabSize})`);
-    }
+    tf.dispose([this.freqsCis.cos, this.freqsCis.sin]);
   }
 }
 
 // ----------------------------------------------------------------------------------------------
-// Tokenizer: SentencePiece, as the reference wraps it
-
+// 10. Tokenizer: SentencePiece, as the reference wraps it
 export class Tokenizer {
   /** `processor` is the SentencePiece model itself (Python's sp), e.g. for streaming decode. */
   private constructor(readonly processor: SentencePieceProcessor) {}
@@ -754,44 +367,20 @@ export class Tokenizer {
     return new Tokenizer(await SentencePieceProcessor.loadBytes(source.bytes, source.name));
   }
 
-  get nWords(): number {
-    return this.processor.vocabSize;
-  }
-
-  get bosId(): number {
-    return this.processor.bosId;
-  }
-
-  get eosId(): number {
-    return this.processor.eosId;
-  }
-
+  get nWords(): number { return this.processor.vocabSize; }
+  get bosId(): number { return this.processor.bosId; }
+  get eosId(): number { return this.processor.eosId; }
   /** -1 for Mistral's tokenizer, which has no pad piece: generate() pads with it and masks it out. */
-  get padId(): number {
-    return this.processor.padId;
-  }
+  get padId(): number { return this.processor.padId; }
 
-  encode(s: string, bos = true): number[] {
-    const ids = this.processor.encode(s, false);
-    return bos ? [this.processor.bosId, ...ids] : ids;
-  }
-
-  decode(t: number[]): string {
-    return this.processor.decode(t);
-  }
+  encode(s: string, bos = true): number[] { return bos ? [this.bosId, ...this.processor.encode(s, false)] : this.processor.encode(s, false); }
+  decode(t: number[]): string { return this.processor.decode(t); }
 }
 
 // ----------------------------------------------------------------------------------------------
-// generate: greedy decoding, batched the reference's way
-
-export interface GenerateResult {
-  /** The decoded prompt-plus-completion of each row; empty when maxTokens is 0, as in the reference. */
-  texts: string[];
-  /** Per row: the logprob of each prompt token after the first up to the shortest prompt's length, then of each step's token. */
-  logprobs: number[][];
-  /** Per row: the token fed at each of the maxTokens steps (a longer prompt's own tokens first). */
-  generatedIds: number[][];
-}
+// 11. generate: greedy decoding, batched the reference's way
+/** texts (none when maxTokens is 0); per row, logprobs of the prompt tokens after the first and of each step's token; generatedIds fed at each step. */
+export interface GenerateResult { texts: string[]; logprobs: number[][]; generatedIds: number[][] }
 
 /**
  * The reference's generate(): prefill every row with the shortest prompt's length, then take
@@ -799,15 +388,11 @@ export interface GenerateResult {
  * next prompt token (teacher forcing); the others get the greedy argmax.
  */
 export async function generate(
-  prompts: string[],
-  model: Transformer,
-  tokenizer: Tokenizer,
-  maxTokens: number,
+  prompts: string[], model: Transformer, tokenizer: Tokenizer, maxTokens: number,
+  chunkLength = prefillChunkLength(model.args, prompts.length), // prefill chunks: the longest whose scores fit the budget
 ): Promise<GenerateResult> {
   const encodedPrompts = prompts.map((p) => tokenizer.encode(p));
-  const promptLens = encodedPrompts.map((x) => x.length);
-  const minPromptLen = Math.min(...promptLens);
-  const maxPromptLen = Math.max(...promptLens);
+  const [minPromptLen, maxPromptLen] = [Math.min(...encodedPrompts.map((x) => x.length)), Math.max(...encodedPrompts.map((x) => x.length))];
   const bsz = prompts.length;
   if (minPromptLen + maxTokens > MAX_POSITIONS) {
     throw new RangeError(`maxTokens ${maxTokens} after a ${minPromptLen}-token prefill runs past the model's ${MAX_POSITIONS} positions`);
@@ -817,19 +402,24 @@ export async function generate(
   const inputTokens = encodedPrompts.map((x) => [...x, ...new Array<number>(maxPromptLen - x.length).fill(tokenizer.padId)]);
   const inputMask = inputTokens.map((row) => row.map((id) => id !== tokenizer.padId));
 
-  // pre-fill: logprobs [B, minPromptLen, V]
-  let logprobs = tf.tidy(() => {
-    const prefill = tf.tensor2d(inputTokens.map((row) => row.slice(0, minPromptLen)), [bsz, minPromptLen], 'int32');
-    return tf.logSoftmax(model.forward(prefill, tf.range(0, minPromptLen, 1, 'int32') as tf.Tensor1D), -1);
-  });
-
-  // The logprob of each prompt token given the ones before it, gathered on the backend (reading
-  // back all of [B, T, V] costs more than the forward): logprobs[b, t, inputTokens[b][t + 1]], [B, T - 1]
-  const promptIndices = inputTokens.flatMap((row, b) => row.slice(1, minPromptLen).map((id, t) => [b, t, id]));
-  const promptLogprobs = promptIndices.length
-    ? tf.tidy(() => tf.gatherND(logprobs, tf.tensor2d(promptIndices, [promptIndices.length, 3], 'int32')).dataSync())
-    : new Float32Array(0);
-  const allLogprobs = inputTokens.map((_, b) => Array.from(promptLogprobs.subarray(b * (minPromptLen - 1), (b + 1) * (minPromptLen - 1))));
+  // pre-fill, in chunks whose attention scores fit a memory budget (the same logits as one forward).
+  // all_logprobs' first part, logprobs[b, t, inputTokens[b][t + 1]], is gathered on the backend chunk
+  // by chunk (reading back all of [B, T, V] costs more than the forward). logprobs: [B, chunk, V].
+  const allLogprobs: number[][] = inputTokens.map(() => []);
+  let logprobs: tf.Tensor | null = null;
+  for (const [from, to] of chunkRanges(minPromptLen, chunkLength)) {
+    logprobs?.dispose();
+    logprobs = tf.tidy((): tf.Tensor => {
+      const ids = tf.tensor2d(inputTokens.map((row) => row.slice(from, to)), [bsz, to - from], 'int32');
+      return tf.logSoftmax(model.forward(ids, tf.range(from, to, 1, 'int32') as tf.Tensor1D), -1);
+    });
+    const next = Math.min(to, minPromptLen - 1) - from; // positions of this chunk whose next token is in the prompt
+    const indices = inputTokens.flatMap((row, b) => row.slice(from + 1, from + 1 + Math.max(0, next)).map((id, t) => [b, t, id]));
+    const chunkLogprobs = logprobs;
+    const chosen = next > 0 ? readBack(() => tf.gatherND(chunkLogprobs, tf.tensor2d(indices, [indices.length, 3], 'int32'))) : [];
+    allLogprobs.forEach((row, b) => row.push(...Array.from(chosen).slice(b * next, (b + 1) * next)));
+  }
+  if (logprobs === null) throw new RangeError('generate() needs prompts of at least one token');
 
   // decode
   const generated: number[][] = inputTokens.map(() => []);
@@ -837,39 +427,29 @@ export async function generate(
   for (let step = 0; step < maxTokens; step++) {
     // lastLogprobs: [B, V], the distribution over the token at curPos; only the argmax and the
     // chosen token's logprob of each row are read back.
-    const lastLogprobs = tf.tidy(() => tf.reshape(tf.slice(logprobs, [0, logprobs.shape[1] - 1, 0], [bsz, 1, -1]), [bsz, -1]));
-    const best = tf.tidy(() => Array.from(tf.argMax(lastLogprobs, -1).dataSync())); // the first maximum, as torch.argmax
-    const nextToken = best.map((id, b) => {
-      // Teacher forcing: a row still inside its prompt is fed its own token, not the argmax.
-      if (curPos < maxPromptLen && inputMask[b][curPos]) return inputTokens[b][curPos];
-      return id;
-    });
-    const chosen = tf.tidy(() => tf.gatherND(lastLogprobs, tf.tensor2d(nextToken.map((id, b) => [b, id]), [bsz, 2], 'int32')).dataSync());
+    const last: tf.Tensor = logprobs;
+    const lastLogprobs: tf.Tensor = tf.tidy(() => tf.reshape(tf.slice(last, [0, (last.shape[1] as number) - 1, 0], [bsz, 1, -1]), [bsz, -1]));
+    const best = Array.from(readBack(() => tf.argMax(lastLogprobs, -1))); // the first maximum, as torch.argmax
+    // Teacher forcing: a row still inside its prompt is fed its own token, not the argmax.
+    const nextToken = best.map((id, b) => (curPos < maxPromptLen && inputMask[b][curPos] ? inputTokens[b][curPos] : id));
+    const chosen = readBack(() => tf.gatherND(lastLogprobs, tf.tensor2d(nextToken.map((id, b) => [b, id]), [bsz, 2], 'int32')));
     lastLogprobs.dispose();
-    nextToken.forEach((id, b) => {
-      allLogprobs[b].push(chosen[b]);
-      generated[b].push(id);
-    });
+    nextToken.forEach((id, b) => void (allLogprobs[b].push(chosen[b]), generated[b].push(id)));
     logprobs.dispose();
     // As in the reference, the last step's forward runs too, though nothing reads its logits.
-    logprobs = tf.tidy(() =>
-      tf.logSoftmax(model.forward(tf.tensor2d(nextToken, [bsz, 1], 'int32'), tf.tensor1d([curPos], 'int32')), -1),
-    );
+    logprobs = tf.tidy((): tf.Tensor => tf.logSoftmax(model.forward(tf.tensor2d(nextToken, [bsz, 1], 'int32'), tf.tensor1d([curPos], 'int32')), -1));
     curPos += 1;
   }
   logprobs.dispose();
 
   const texts: string[] = [];
-  if (maxTokens > 0) {
-    encodedPrompts.forEach((x, i) => texts.push(tokenizer.decode([...x.slice(0, minPromptLen), ...generated[i]])));
-  }
+  if (maxTokens > 0) encodedPrompts.forEach((x, i) => texts.push(tokenizer.decode([...x.slice(0, minPromptLen), ...generated[i]])));
   return { texts, logprobs: allLogprobs, generatedIds: generated };
 }
 
-/**
- * The tokenizer and the model from one path, whatever its layout, read once (a .tar is one stream):
- * the reference's demo() does Tokenizer(folder / "tokenizer.model") and Transformer.from_folder(folder).
- */
+// ----------------------------------------------------------------------------------------------
+// 12. demo: the reference's three prompts
+/** Tokenizer(folder / "tokenizer.model") and Transformer.from_folder(folder), from one read of any layout (a .tar is one stream). */
 export async function loadModel(modelPath: string, opts: LoadOptions = {}): Promise<{ tokenizer: Tokenizer; transformer: Transformer }> {
   const files = await openModel(modelPath, { onProgress: opts.onProgress });
   try {
@@ -877,41 +457,24 @@ export async function loadModel(modelPath: string, opts: LoadOptions = {}): Prom
     const transformer = Transformer.fromCheckpoint(files.params, files.paramsFile, files.weights, opts);
     if (tokenizer.nWords > transformer.args.vocabSize) {
       transformer.dispose();
-      throw new ModelArgsError(
-        `${files.paramsFile}: vocab_size ${transformer.args.vocabSize} is smaller than the tokenizer's ${tokenizer.nWords} pieces`,
-      );
+      throw new ModelArgsError(`${files.paramsFile}: vocab_size ${transformer.args.vocabSize} is smaller than the tokenizer's ${tokenizer.nWords} pieces`);
     }
     return { tokenizer, transformer };
-  } finally {
-    files.close();
-  }
+  } finally { files.close(); }
 }
 
-// ----------------------------------------------------------------------------------------------
-// demo: the reference's three prompts
-
-export const DEMO_PROMPTS = [
-  'This is a test',
-  'This is another test',
-  'This is a third test, mistral AI is very good at testing. ',
-];
+export const DEMO_PROMPTS = ['This is a test', 'This is another test', 'This is a third test, mistral AI is very good at testing. '];
 
 export async function demo(modelPath: string, maxTokens = 35, opts: LoadOptions = {}): Promise<void> {
   const { tokenizer, transformer } = await loadModel(modelPath, { ...opts, maxBatchSize: 3 });
   try {
     const { texts } = await generate(DEMO_PROMPTS, transformer, tokenizer, maxTokens);
-    for (const x of texts) {
-      console.log(x);
-      console.log('=====================');
-    }
+    for (const x of texts) console.log(`${x}\n=====================`);
   } finally {
     transformer.dispose();
   }
 }
 
-// The reference ends with fire.Fire(demo). Here the command line also offers --prompt, --json,
-// logits and more; it lives in cli/, above this file, and is only loaded when run as a script.
-if (require.main === module) {
-  // eslint-disable-next-line @typescript-eslint/no-require-imports
-  (require('./cli/main') as typeof import('./cli/main')).main(process.argv.slice(2));
-}
+// fire.Fire(demo): the command line is cli/main.ts, above this file; run as a script, this file hands over to it
+// by a path computed at run time, so no import edge leads from the model to the commands (test/imports.test.ts).
+if (require.main === module) (require(`${__dirname}/cli/main`) as { main: (argv: string[]) => void }).main(process.argv.slice(2));

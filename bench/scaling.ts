@@ -34,17 +34,18 @@ export interface ScalingResult {
   fullWindow: number;
 }
 
-type Caches = (readonly [tf.Tensor4D, tf.Tensor4D])[];
+type Caches = { tensors: (readonly [tf.Tensor4D, tf.Tensor4D])[]; book: Transformer['book'] };
 
 function snapshot(model: Transformer): Caches {
-  return model.layers.map((l) => [tf.clone(l.attention.cacheK), tf.clone(l.attention.cacheV)] as const);
+  return { tensors: model.layers.map((l) => [tf.clone(l.attention.cache.k), tf.clone(l.attention.cache.v)] as const), book: model.book.copy() };
 }
 
 function restore(model: Transformer, saved: Caches): void {
   model.layers.forEach((l, i) => {
     l.attention.dispose();
-    [l.attention.cacheK, l.attention.cacheV] = saved[i];
+    [l.attention.cache.k, l.attention.cache.v] = saved.tensors[i];
   });
+  model.book = saved.book;
 }
 
 function run(base: Transformer, window: number, chunk: number, maxT: number, checkpoints: Set<number>, decode: number): ScalingRow[] {

@@ -23,12 +23,12 @@ export function disposeCaches(model: Transformer): void {
 
 /** Bytes held by the KV caches of every layer. */
 export function kvCacheBytes(model: Transformer): number {
-  return model.layers.reduce((n, l) => n + 4 * (l.attention.cacheK.size + l.attention.cacheV.size), 0);
+  return model.layers.reduce((n, l) => n + 4 * (l.attention.cache.k.size + l.attention.cache.v.size), 0);
 }
 
 /** Slots of each layer's cache (its second dimension). */
 export function kvCacheSlots(model: Transformer): number[] {
-  return model.layers.map((l) => l.attention.cacheK.shape[1]);
+  return model.layers.map((l) => l.attention.cache.k.shape[1]);
 }
 
 /** One forward of `ids` ([B, T]) at positions start..start+T-1; the greedy next id of each row. */

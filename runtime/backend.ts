@@ -111,3 +111,14 @@ export function explainBackendFailure(err: unknown): Error {
   }
   return err instanceof Error ? err : new Error(message);
 }
+
+/**
+ * What the model needs to know about the backend in use, asked here rather than by comparing
+ * backend names in model/: whether it copies a host array into its own memory when a tensor is
+ * made (so one host buffer may be reused for the next tensor), and whether its matMul keeps a
+ * packed copy of the right operand (XNNPACK on wasm: a resident weight costs twice its bytes).
+ */
+export function backendTraits(): { copiesHostArrays: boolean; packsRightOperand: boolean } {
+  const wasm = (currentBackend() ?? tf.getBackend()) === 'wasm';
+  return { copiesHostArrays: wasm, packsRightOperand: wasm };
+}

@@ -3,24 +3,23 @@
  * while they run. It must give exactly the logits of the resident model, leak nothing, and be
  * chosen when the float32 weights would not fit the backend.
  */
-import * as path from 'path';
 import { describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
-import { ModelArgs, residentBytes, Transformer } from '../one_file_ref';
+import { residentBytes, Transformer } from '../one_file_ref';
+import { MISTRAL_7B_ARGS, modelArgs, readBack, tinyModel } from './models';
 
-const TINY = path.resolve(__dirname, '..', 'fixtures', 'tiny');
 
 function logits(model: Transformer, ids: number[][]): Float32Array {
-  return tf.tidy(() => {
+  return readBack(() => {
     const input = tf.tensor2d(ids, [ids.length, ids[0].length], 'int32');
-    return model.forward(input, tf.range(0, ids[0].length, 1, 'int32') as tf.Tensor1D).dataSync() as Float32Array;
+    return model.forward(input, tf.range(0, ids[0].length, 1, 'int32') as tf.Tensor1D);
   });
 }
 
 describe('low-memory mode', () => {
   it('gives the same logits as the resident model, bit for bit, and frees each widened weight', async () => {
-    const resident = await Transformer.fromFolder(TINY, { maxBatchSize: 2, lowMemory: false });
-    const low = await Transformer.fromFolder(TINY, { maxBatchSize: 2, lowMemory: true });
+    const resident = await tinyModel({ maxBatchSize: 2, lowMemory: false });
+    const low = await tinyModel({ maxBatchSize: 2, lowMemory: true });
     try {
       const ids = [
         [1, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110, 120],
@@ -34,7 +33,7 @@ describe('low-memory mode', () => {
       // decode steps too
       for (let t = 12; t < 20; t++) {
         const step = (m: Transformer): Float32Array =>
-          tf.tidy(() => m.forward(tf.tensor2d([[t], [t + 1]], [2, 1], 'int32'), tf.tensor1d([t], 'int32')).dataSync() as Float32Array);
+          readBack(() => m.forward(tf.tensor2d([[t], [t + 1]], [2, 1], 'int32'), tf.tensor1d([t], 'int32')));
         expect(Array.from(step(low))).toEqual(Array.from(step(resident)));
       }
       expect(tf.memory().numTensors).toBe(before);
@@ -45,8 +44,7 @@ describe('low-memory mode', () => {
   });
 
   it('counts Mistral 7B as 7,241,732,096 parameters: 29 GB of float32, over the wasm backend\'s 4 GiB', () => {
-    // params.json of Mistral-7B-v0.1
-    const args = new ModelArgs(4096, 32, 128, 14336, 32, 8, 4096, 1e-5, 32000, 10000, 1);
+    const args = modelArgs({}, MISTRAL_7B_ARGS); // params.json of Mistral-7B-v0.1
     const bytes = residentBytes(args);
     const params = 7_241_732_096;
     const cache = 2 * 32 * 4096 * 8 * 128; // K and V, 32 layers, one batch row, 4096 slots, 8 kv heads of 128

@@ -10,9 +10,10 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
-import { ModelArgs, Transformer } from '../one_file_ref';
+import { readBack, Transformer } from '../one_file_ref';
+import { disposeCaches, TINY, tinyModel, withWindow } from './models';
 
-const TINY = path.resolve(__dirname, '..', 'fixtures', 'tiny');
+
 const PARAMS = JSON.parse(fs.readFileSync(path.join(TINY, 'params.json'), 'utf8')) as {
   sliding_window: number;
   n_kv_heads: number;
@@ -24,22 +25,22 @@ const W = PARAMS.sliding_window;
 
 /** One greedy step for every row; only the ids are read back. */
 function step(model: Transformer, ids: number[][], start: number): number[] {
-  return tf.tidy(() => {
+  return Array.from(readBack(() => {
     const [bsz, seqlen] = [ids.length, ids[0].length];
     const logits = model.forward(tf.tensor2d(ids, [bsz, seqlen], 'int32'), tf.range(start, start + seqlen, 1, 'int32') as tf.Tensor1D);
-    return Array.from(tf.argMax(tf.reshape(tf.slice(logits, [0, seqlen - 1, 0], [bsz, 1, -1]), [bsz, -1]), -1).dataSync());
-  });
+    return tf.argMax(tf.reshape(tf.slice(logits, [0, seqlen - 1, 0], [bsz, 1, -1]), [bsz, -1]), -1);
+  }));
 }
 
 function cacheShapes(model: Transformer): number[][] {
-  return model.layers.flatMap((l) => [l.attention.cacheK.shape, l.attention.cacheV.shape]);
+  return model.layers.flatMap((l) => [l.attention.cache.k.shape, l.attention.cache.v.shape]);
 }
 
 describe('memory over long decodes', () => {
   for (const lowMemory of [false, true]) {
     it(`${lowMemory ? 'low-memory mode' : 'resident weights'}: 20W decode steps after a 3-token prefill leak no tensor and keep W slots per layer`, async () => {
       const before = tf.memory().numTensors;
-      const model = await Transformer.fromFolder(TINY, { maxBatchSize: 1, lowMemory });
+      const model = await tinyModel({ lowMemory });
       try {
         let next = step(model, [[1, 20, 30]], 0);
         next = step(model, [next], 3);
@@ -48,7 +49,7 @@ describe('memory over long decodes', () => {
         for (let pos = 4; pos < 20 * W; pos++) {
           next = step(model, [next], pos);
           expect(tf.memory().numTensors).toBe(tensors);
-          const slots = model.layers.map((l) => l.attention.cacheK.shape[1]);
+          const slots = model.layers.map((l) => l.attention.cache.k.shape[1]);
           // position pos is written, so pos + 1 positions have been seen; the cache never holds more than W
           expect(slots.every((s) => s <= W && s >= Math.min(W, pos + 1))).toBe(true);
           if (pos >= W - 1) {
@@ -66,17 +67,16 @@ describe('memory over long decodes', () => {
   }
 
   it('batch 3, chunked prefill of 5W tokens then 5W steps: every cache is [3, W, K, d], tensor count flat', async () => {
-    const base = await Transformer.fromFolder(TINY, { maxBatchSize: 3 });
+    const base = await tinyModel({ maxBatchSize: 3 });
     try {
-      const a = base.args;
       // a window of 5 instead of 8, the same weights: W does not depend on params.json alone
-      const w5 = new Transformer(new ModelArgs(a.dim, a.nLayers, a.headDim, a.hiddenDim, a.nHeads, a.nKvHeads, 5, a.normEps, a.vocabSize, a.ropeTheta, 3), base.stateDict);
+      const w5 = withWindow(base, 5, 3);
       const rows = [0, 1, 2].map((b) => Array.from({ length: 25 }, (_, i) => (3 + 7 * i + 11 * b) % PARAMS.vocab_size));
       let next: number[] = [];
       for (let from = 0; from < 25; from += 4) {
         const to = Math.min(25, from + 4);
         next = step(w5, rows.map((r) => r.slice(from, to)), from);
-        expect(w5.layers.every((l) => l.attention.cacheK.shape[1] <= 5)).toBe(true);
+        expect(w5.layers.every((l) => l.attention.cache.k.shape[1] <= 5)).toBe(true);
       }
       const tensors = tf.memory().numTensors;
       for (let pos = 25; pos < 50; pos++) {
@@ -84,9 +84,7 @@ describe('memory over long decodes', () => {
         expect(tf.memory().numTensors).toBe(tensors);
       }
       expect(cacheShapes(w5)).toEqual(Array.from({ length: 2 * PARAMS.n_layers }, () => [3, 5, PARAMS.n_kv_heads, PARAMS.head_dim]));
-      for (const layer of w5.layers) layer.attention.dispose();
-      w5.freqsCis.cos.dispose();
-      w5.freqsCis.sin.dispose();
+      disposeCaches(w5);
     } finally {
       base.dispose();
     }

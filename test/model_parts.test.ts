@@ -4,7 +4,11 @@
  */
 import { describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
-import { applyRotaryEmb, ModelArgs, precomputeFreqsCis, repeatKV, RMSNorm, Weight } from '../one_file_ref';
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { applyRotaryEmb, ModelArgs, ModelArgsError, precomputeFreqsCis, repeatKV, RMSNorm, Transformer, Weight } from '../one_file_ref';
+import { TINY } from './models';
 
 function seeded(n: number, seed: number): number[] {
   // A small LCG: deterministic inputs without a dependency.
@@ -111,7 +115,37 @@ describe('ModelArgs', () => {
     [{ ...good, n_kv_heads: 3 }, /"n_heads" \(4\) must be a multiple of "n_kv_heads" \(3\)/],
     [{ ...good, moe: {} }, /unknown field "moe"/],
     [[1, 2], /expected a JSON object/],
+    [{ ...good, n_layers: 1e6 }, /params.json: field "n_layers" is 1000000, more than 1024/],
+    [{ ...good, n_layers: 2e7 }, /params.json: field "n_layers" is 20000000, more than 1024/],
+    [{ ...good, vocab_size: 2 ** 22, dim: 2 ** 17 }, /params.json: a weight of 549755813888 elements/],
   ])('rejects %j', (params, message) => {
     expect(() => ModelArgs.fromParams(params)).toThrow(message);
+  });
+
+  it('rejects a "__proto__" key like every other unknown key', () => {
+    // JSON.parse makes "__proto__" an own key (an object literal would set the prototype instead)
+    const parsed: unknown = JSON.parse(JSON.stringify(good).replace('{', '{"__proto__": {"dim": 1},'));
+    expect(Object.keys(parsed as object)).toContain('__proto__');
+    expect(() => ModelArgs.fromParams(parsed, 'x/params.json')).toThrow(/^x\/params.json: unknown field "__proto__"/);
+    const constructorKey: unknown = JSON.parse(JSON.stringify(good).replace('{', '{"constructor": 1,'));
+    expect(() => ModelArgs.fromParams(constructorKey)).toThrow(/unknown field "constructor"/);
+  });
+
+  it('a model folder whose params.json says n_layers 1e6 or 2e7 fails with one line naming the file and field, before loading weights', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'params-'));
+    try {
+      for (const f of ['consolidated.00.pth', 'tokenizer.model']) fs.symlinkSync(path.join(TINY, f), path.join(dir, f));
+      for (const n of [1e6, 2e7]) {
+        fs.writeFileSync(path.join(dir, 'params.json'), JSON.stringify({ ...good, n_layers: n }));
+        const before = tf.memory().numTensors;
+        const err = await Transformer.fromFolder(dir).then(() => null, (e: unknown) => e as Error);
+        expect(err).toBeInstanceOf(ModelArgsError);
+        expect(err!.message).toMatch(new RegExp(`params.json: field "n_layers" is ${n}`));
+        expect(err!.message).not.toContain('\n');
+        expect(tf.memory().numTensors).toBe(before);
+      }
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 });

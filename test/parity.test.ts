@@ -5,6 +5,14 @@
  *
  * Tolerance: 1e-4 absolute on every logit and logprob (float32 throughout on both sides; the
  * difference is summation order). The largest difference per case is printed.
+ *
+ * The same 1e-4 holds for sequences placed at large positions (start_* cases, up to 127,999),
+ * because the port builds the rotary table as torch does in float32: its angles are the
+ * reference's bit for bit, and cos/sin differ by at most one float32 ulp (checked below against
+ * the dumped table rows). The reference's float32 angles are themselves off from exact ones by up
+ * to 7.5e-3 rad at position 127,990 for head_dim 128 (4.2e-4 for head_dim 16; ulp(127,990) in
+ * float32 is 7.8e-3): a port with float64 angles would need a tolerance of that order there, and
+ * the test below shows such a table is detected (its cos/sin differ from the reference's by > 1e-4).
  */
 import * as fs from 'fs';
 import * as path from 'path';
@@ -12,6 +20,7 @@ import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
 import { demo, generate, Tokenizer, Transformer } from '../one_file_ref';
 import { readNpy } from '../checkpoint/npy';
+import { readBack } from './models';
 
 const ROOT = path.resolve(__dirname, '..');
 const REFERENCE = path.join(ROOT, 'fixtures', 'reference');
@@ -26,6 +35,7 @@ interface Case {
   kind: 'prefill' | 'prefill_decode' | 'generate' | 'demo';
   ids?: number[][];
   positions?: number[];
+  start_pos?: number;
   forward_positions?: number[][];
   logits?: NpyRef;
   prompts?: string[];
@@ -36,6 +46,7 @@ interface Case {
   all_logprobs?: NpyRef;
 }
 interface Index {
+  rope?: { positions: number[]; cos: NpyRef; sin: NpyRef };
   mask: 'w-keys' | 'as-written';
   model_folder: string;
   max_batch_size: number;
@@ -64,17 +75,21 @@ function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
   return worst;
 }
 
-/** Runs the port on a case's tokens, one forward per group of positions; logits [B, T, V] flattened. */
+/**
+ * Runs the port on a case's tokens as a fresh sequence (nothing in the cache before it), one forward
+ * per group of positions; logits [B, T, V] flattened.
+ */
 function portLogits(model: Transformer, ids: number[][], forwards: number[][]): Float32Array {
   const bsz = ids.length;
   const seqlen = ids[0].length;
   const vocab = model.args.vocabSize;
   const out = new Float32Array(bsz * seqlen * vocab);
+  model.book.clear();
   for (const positions of forwards) {
-    const from = positions[0];
-    const chunk = tf.tidy(() => {
+    const from = positions[0] - forwards[0][0]; // the index in the rows of this forward's first token
+    const chunk = readBack(() => {
       const input = tf.tensor2d(ids.map((r) => r.slice(from, from + positions.length)), [bsz, positions.length], 'int32');
-      return model.forward(input, tf.tensor1d(positions, 'int32')).dataSync();
+      return model.forward(input, tf.tensor1d(positions, 'int32'));
     });
     const width = positions.length * vocab;
     for (let b = 0; b < bsz; b++) out.set(chunk.subarray(b * width, (b + 1) * width), (b * seqlen + from) * vocab);
@@ -103,8 +118,29 @@ describe.each(CONFIGS)('parity with the reference: %s', (config) => {
     const forwards = c.kind === 'prefill' ? [c.positions!] : c.forward_positions!;
     const got = portLogits(model, c.ids!, forwards);
     const diff = maxAbsDiff(got, loadArray(config, c.logits!));
-    console.log(`${config}/${c.name} (${index.checkpoint_dtype}, W=${index.params.sliding_window}, [${c.logits!.shape}]): max |logit diff| = ${diff.toExponential(2)}`);
+    const at = c.start_pos ? `, from position ${c.start_pos}` : '';
+    console.log(`${config}/${c.name} (${index.checkpoint_dtype}, W=${index.params.sliding_window}, [${c.logits!.shape}]${at}): max |logit diff| = ${diff.toExponential(2)}`);
     expect(diff).toBeLessThanOrEqual(TOLERANCE);
+  });
+
+  const rope = index.rope;
+  if (rope !== undefined) it("rotary table: the reference's float32 cos and sin within one ulp, up to position 127,999", () => {
+    const want = { cos: loadArray(config, rope.cos), sin: loadArray(config, rope.sin) };
+    const rows = tf.tensor1d(rope.positions, 'int32');
+    const got = { cos: readBack(() => tf.gather(model.freqsCis.cos, rows)), sin: readBack(() => tf.gather(model.freqsCis.sin, rows)) };
+    rows.dispose();
+    const half = rope.cos.shape[1];
+    let exactWorst = 0; // the same rows with exact (float64) angles, to show the tolerance would see a difference
+    rope.positions.forEach((p, r) => {
+      for (let i = 0; i < half; i++) {
+        const angle = p * Math.pow(10000, (-2 * i) / (2 * half));
+        exactWorst = Math.max(exactWorst, Math.abs(Math.cos(angle) - want.cos[r * half + i]), Math.abs(Math.sin(angle) - want.sin[r * half + i]));
+      }
+    });
+    const worst = Math.max(maxAbsDiff(got.cos, want.cos), maxAbsDiff(got.sin, want.sin));
+    console.log(`${config}: rotary rows at ${rope.positions.join(', ')}: max |port - reference| = ${worst.toExponential(2)}; exact angles would differ by ${exactWorst.toExponential(2)}`);
+    expect(worst).toBeLessThanOrEqual(2 ** -23); // one float32 ulp just below 1 is 2^-24; cos, sin in [-1, 1]
+    expect(exactWorst).toBeGreaterThan(TOLERANCE);
   });
 
   const generateCases = index.cases.filter((c) => c.kind === 'generate');

@@ -7,13 +7,10 @@
  * - test_generation: the logprobs of a generated sequence are reproduced by prefilling the whole
  *   sequence (window 3), as mistral-src's test_generate.py asserts.
  */
-import * as path from 'path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
 import { generate, Tokenizer, Transformer } from '../one_file_ref';
-import { disposeCaches, withWindow } from './models';
-
-const TINY = path.resolve(__dirname, '..', 'fixtures', 'tiny');
+import { disposeCaches, readBack, tinyModel, withWindow } from './models';
 
 function randomIds(bsz: number, seqlen: number, vocab: number, seed: number): number[][] {
   let s = seed >>> 0;
@@ -31,9 +28,9 @@ function logitsWithPrefill(model: Transformer, ids: number[][], prefill: number)
   const vocab = model.args.vocabSize;
   const out = new Float32Array(bsz * seqlen * vocab);
   const run = (from: number, to: number): void => {
-    const chunk = tf.tidy(() => {
+    const chunk = readBack(() => {
       const input = tf.tensor2d(ids.map((r) => r.slice(from, to)), [bsz, to - from], 'int32');
-      return model.forward(input, tf.range(from, to, 1, 'int32') as tf.Tensor1D).dataSync();
+      return model.forward(input, tf.range(from, to, 1, 'int32') as tf.Tensor1D);
     });
     const width = (to - from) * vocab;
     for (let b = 0; b < bsz; b++) out.set(chunk.subarray(b * width, (b + 1) * width), (b * seqlen + from) * vocab);
@@ -51,9 +48,9 @@ function logitsInChunks(model: Transformer, ids: number[][], chunk: number): Flo
   const out = new Float32Array(bsz * seqlen * vocab);
   for (let from = 0; from < seqlen; from += chunk) {
     const to = Math.min(seqlen, from + chunk);
-    const logits = tf.tidy(() => {
+    const logits = readBack(() => {
       const input = tf.tensor2d(ids.map((r) => r.slice(from, to)), [bsz, to - from], 'int32');
-      return model.forward(input, tf.range(from, to, 1, 'int32') as tf.Tensor1D).dataSync();
+      return model.forward(input, tf.range(from, to, 1, 'int32') as tf.Tensor1D);
     });
     const width = (to - from) * vocab;
     for (let b = 0; b < bsz; b++) out.set(logits.subarray(b * width, (b + 1) * width), (b * seqlen + from) * vocab);
@@ -79,7 +76,7 @@ class DebugTokenizer {
 describe('sliding window', () => {
   let base: Transformer;
   beforeAll(async () => {
-    base = await Transformer.fromFolder(TINY, { maxBatchSize: 4 });
+    base = await tinyModel({ maxBatchSize: 4 });
   });
   afterAll(() => base.dispose());
 
@@ -155,7 +152,7 @@ describe('sliding window', () => {
 
 describe("the reference's test_generate.py property", () => {
   it('test_generation: logprobs of generated sequences are reproduced by prefilling them (window 3)', async () => {
-    const base = await Transformer.fromFolder(TINY, { maxBatchSize: 4 });
+    const base = await tinyModel({ maxBatchSize: 4 });
     const model = withWindow(base, 3, 4);
     const tokenizer = new DebugTokenizer() as unknown as Tokenizer;
     try {

@@ -1,0 +1,155 @@
+/**
+ * Loading, as torch's load_state_dict(strict=True) and one_file_ref.py's from_folder do it, plus
+ * what Python does not need: the memory plan. Every key present, none extra, every shape right, all
+ * checked before a single weight is read; then the choice of low-memory mode when the float32
+ * weights would not fit the backend. Nothing here prints: it returns what it decided, and the
+ * caller reports it.
+ */
+import type { WeightInfo, WeightReader } from '../checkpoint/types';
+import { backendMemoryLimit, backendTraits, BackendError } from '../runtime/backend';
+import { MAX_POSITIONS } from './params';
+import { Weight, type StateDict } from './weights';
+
+/** The hyperparameters the weights' shapes depend on (ModelArgs has them). */
+export interface ModelShape {
+  readonly dim: number;
+  readonly nLayers: number;
+  readonly headDim: number;
+  readonly hiddenDim: number;
+  readonly nHeads: number;
+  readonly nKvHeads: number;
+  readonly slidingWindow: number;
+  readonly vocabSize: number;
+}
+
+export class CheckpointMismatchError extends Error {
+  override name = 'CheckpointMismatchError';
+}
+
+export interface LoadOptions {
+  /** Rows of the KV cache, the largest batch forward() accepts (default 1). */
+  maxBatchSize?: number;
+  /**
+   * Keep the layers' weights on the host as stored and widen each to float32 only while it runs.
+   * 'auto' (the default) turns it on when the float32 weights would not fit the backend.
+   */
+  lowMemory?: boolean | 'auto';
+  /** Called as weights are read, with the checkpoint's bytes read so far and in all. */
+  onProgress?: (bytesDone: number, bytesTotal: number) => void;
+  /** Told what loading decided (low-memory mode and why); by default one_file_ref.ts writes it on stderr. */
+  onDecision?: (line: string) => void;
+}
+
+/** Every weight of consolidated.00.pth with its shape, as the reference's modules declare them. */
+export function stateDictShapes(args: ModelShape): Map<string, number[]> {
+  const { dim, headDim, hiddenDim, nHeads, nKvHeads, vocabSize } = args;
+  const shapes = new Map<string, number[]>();
+  shapes.set('tok_embeddings.weight', [vocabSize, dim]); // [V, D]
+  for (let i = 0; i < args.nLayers; i++) {
+    const p = `layers.${i}`;
+    shapes.set(`${p}.attention.wq.weight`, [nHeads * headDim, dim]); // [H*d, D]
+    shapes.set(`${p}.attention.wk.weight`, [nKvHeads * headDim, dim]); // [K*d, D]
+    shapes.set(`${p}.attention.wv.weight`, [nKvHeads * headDim, dim]); // [K*d, D]
+    shapes.set(`${p}.attention.wo.weight`, [dim, nHeads * headDim]); // [D, H*d]
+    shapes.set(`${p}.feed_forward.w1.weight`, [hiddenDim, dim]); // [F, D]
+    shapes.set(`${p}.feed_forward.w2.weight`, [dim, hiddenDim]); // [D, F]
+    shapes.set(`${p}.feed_forward.w3.weight`, [hiddenDim, dim]); // [F, D]
+    shapes.set(`${p}.attention_norm.weight`, [dim]); // [D]
+    shapes.set(`${p}.ffn_norm.weight`, [dim]); // [D]
+  }
+  shapes.set('norm.weight', [dim]); // [D]
+  shapes.set('output.weight', [vocabSize, dim]); // [V, D]
+  return shapes;
+}
+
+/** load_state_dict(strict=True)'s checks, with one-line errors naming the file and the weight. */
+export function checkStateDict(file: string, expected: Map<string, number[]>, found: ReadonlyMap<string, { shape: number[] }>): void {
+  for (const [name, shape] of expected) {
+    const record = found.get(name);
+    if (record === undefined) throw new CheckpointMismatchError(`${file}: missing weight "${name}" (params.json expects it)`);
+    if (record.shape.length !== shape.length || record.shape.some((n, i) => n !== shape[i])) {
+      throw new CheckpointMismatchError(`${file}: weight "${name}" has shape [${record.shape}], params.json implies [${shape}]`);
+    }
+  }
+  for (const name of found.keys()) {
+    if (!expected.has(name)) throw new CheckpointMismatchError(`${file}: unexpected weight "${name}" (not in a model of this params.json)`);
+  }
+}
+
+/**
+ * Bytes of float32 tensors the backend must hold, with all weights resident or with one layer
+ * weight at a time, plus the rotary tables and one batch row of KV cache at the full window (the
+ * cache grows with use; more rows or positions than fit fail later with a clear out-of-memory error).
+ */
+export function residentBytes(args: ModelShape): { full: number; lowMemory: number } {
+  const numel = (shape: number[]): number => shape.reduce((a, b) => a * b, 1);
+  let layers = 0;
+  let others = 0;
+  let largestLayerWeight = 0;
+  for (const [name, shape] of stateDictShapes(args)) {
+    if (name.startsWith('layers.')) {
+      layers += numel(shape);
+      largestLayerWeight = Math.max(largestLayerWeight, numel(shape));
+    } else {
+      others += numel(shape);
+    }
+  }
+  const cache = 2 * args.nLayers * args.slidingWindow * args.nKvHeads * args.headDim;
+  const rope = MAX_POSITIONS * args.headDim;
+  return { full: 4 * (others + layers + cache + rope), lowMemory: 4 * (others + largestLayerWeight + cache + rope) };
+}
+
+const isLinear = (name: string, shape: number[]): boolean => shape.length === 2 && name !== 'tok_embeddings.weight';
+
+/** Whether to run in low-memory mode, and the line that says why when 'auto' chose it. */
+export function chooseLowMemory(args: ModelShape, wanted: boolean | 'auto', source: string): { lowMemory: boolean; decision?: string } {
+  const limit = backendMemoryLimit();
+  const bytes = residentBytes(args);
+  const gib = (n: number): string => `${(n / 1024 ** 3).toFixed(1)} GiB`;
+  const fits = (n: number): boolean => limit === undefined || n <= 0.9 * limit;
+  // A backend that packs the right operand of matMul (XNNPACK) also keeps a copy of every resident linear weight.
+  let packedLayers = 0;
+  let packedOthers = 0;
+  if (backendTraits().packsRightOperand) {
+    for (const [name, shape] of stateDictShapes(args)) {
+      if (!isLinear(name, shape)) continue;
+      if (name.startsWith('layers.')) packedLayers += 4 * shape[0] * shape[1];
+      else packedOthers += 4 * shape[0] * shape[1];
+    }
+  }
+  const full = bytes.full + packedLayers + packedOthers;
+  const lowMemory = wanted === 'auto' ? !fits(full) : wanted;
+  const need = lowMemory ? bytes.lowMemory + packedOthers : full;
+  if (!fits(need)) {
+    throw new BackendError(
+      `${source}: the model needs ${gib(need)} of float32 tensors${lowMemory ? ' even in low-memory mode' : ''}, ` +
+        `more than the backend's ${gib(limit!)}; use a native backend on a machine with more memory`,
+    );
+  }
+  const decision = wanted === 'auto' && lowMemory
+    ? `low-memory mode: float32 weights need ${gib(full)}, the backend holds ${gib(limit!)}; ` +
+      'layers stay on the host as stored and are widened to float32 one weight at a time'
+    : undefined;
+  return { lowMemory, decision };
+}
+
+/**
+ * The state dict from a checkpoint, checked against the shapes params.json implies: layer weights
+ * on the host in low-memory mode, linear weights held transposed (model/weights.ts), the rest resident.
+ */
+export function loadStateDict(args: ModelShape, checkpoint: WeightReader, opts: LoadOptions): { stateDict: StateDict; decision?: string } {
+  const expected = stateDictShapes(args);
+  checkStateDict(checkpoint.path, expected, checkpoint.tensors);
+  const { lowMemory, decision } = chooseLowMemory(args, opts.lowMemory ?? 'auto', checkpoint.path);
+  const stateDict: StateDict = new Map();
+  for (const [name, shape] of expected) {
+    const info = checkpoint.tensors.get(name) as WeightInfo;
+    const w = lowMemory && name.startsWith('layers.')
+      ? Weight.onHost(checkpoint.readRaw(name), name)
+      : isLinear(name, shape)
+        ? Weight.residentLinear(checkpoint.read(name), shape as [number, number], name, info.dtype)
+        : Weight.resident(checkpoint.read(name), shape, name, info.dtype);
+    stateDict.set(name, w);
+  }
+  return { stateDict, decision };
+}

@@ -17,6 +17,8 @@ export type OptionSpec = Record<string, { type: 'string' | 'boolean'; multiple?:
 export const COMMON_OPTIONS = {
   backend: { type: 'string' },
   'low-memory': { type: 'boolean' },
+  pool: { type: 'string' },
+  threads: { type: 'string' },
   quiet: { type: 'boolean' },
   verbose: { type: 'boolean' },
   help: { type: 'boolean', short: 'h' },
@@ -28,6 +30,10 @@ export const COMMON_HELP = `Options for every model command:
   --low-memory    keep the layers' weights on the host as stored (bf16) and widen each to
                   float32 only while it runs (default: on when float32 weights would not fit
                   the backend, e.g. Mistral 7B on wasm)
+  --pool MODE     on, off or auto: the layer and output matrices in the compute pool
+                  (multi-threaded WebAssembly kernels over the weights as stored); auto
+                  (default) when float32 weights would not fit the backend, not on native ones
+  --threads N     the compute pool's threads (default: the machine's cores)
   --quiet         no progress bar or timings on stderr
   --verbose       print stack traces with errors
   --help          this text

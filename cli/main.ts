@@ -9,6 +9,7 @@
  *
  * Errors are one line on stderr and exit code 1; `--verbose` adds the stack trace.
  */
+import { closeComputePools } from '../model/pooled';
 import { COMMON_HELP, UsageError } from './args';
 import { GENERATE_HELP, generateCommand } from './generate';
 import { INTERACTIVE_HELP, interactiveCommand } from './interactive';
@@ -49,8 +50,9 @@ export async function run(argv: string[]): Promise<void> {
 export function main(argv: string[]): void {
   const verbose = argv.includes('--verbose');
   run(argv).then(
-    () => process.exit(0),
+    () => closeComputePools().then(() => process.exit(0)),
     (err: unknown) => {
+      void closeComputePools();
       const e = err instanceof Error ? err : new Error(String(err));
       process.stderr.write(`error: ${e.message.split('\n')[0]}\n`);
       if (verbose && e.stack) process.stderr.write(`${e.stack}\n`);

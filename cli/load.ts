@@ -43,8 +43,9 @@ export async function loadForCommand(
   flags: CommonFlags,
   maxBatchSize: number,
 ): Promise<{ tokenizer: Tokenizer; transformer: Transformer }> {
+  const opts = loadOptions(flags, maxBatchSize); // flags checked before the backend starts
   await initBackend(flags.backend, { quiet: flags.quiet });
-  return loadModel(model, loadOptions(flags, maxBatchSize));
+  return loadModel(model, opts);
 }
 
 /** "35 steps in 12.3 s: 0.35 s/step, batch of 3" on stderr, unless quiet. */

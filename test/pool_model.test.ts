@@ -13,6 +13,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { generate, Tokenizer, Transformer } from '../one_file_ref';
 import { readNpy } from '../checkpoint/npy';
 import { closeComputePools } from '../model/pooled';
+import { startServe } from '../cli/serve';
 import { readBack, TINY } from './models';
 
 const ROOT = path.resolve(__dirname, '..');
@@ -173,5 +174,30 @@ describe('the compute pool over long decodes and faults', () => {
     });
     expect(r.stderr).toBe('error: --pool must be on, off or auto, got "maybe"\n');
     expect(r.status).toBe(1);
+  });
+
+  it('serve --pool on: a stream dropped mid-generation leaves the server serving the same answer; stop() leaves no pool thread', async () => {
+    const before = osThreads();
+    const server = (await startServe([TINY, '--port', '0', '--quiet', '--pool', 'on', '--threads', '2']))!;
+    expect(osThreads()).toBeGreaterThan(before); // the pool's worker and supervisor
+    try {
+      const post = (body: object, signal?: AbortSignal): Promise<Response> =>
+        fetch(`${server.url}/v1/completions`, { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify(body), signal });
+      const body = { model: 'tiny', prompt: 'A dog', max_tokens: 4, temperature: 0 };
+      const alone = ((await (await post(body)).json()) as { choices: { text: string }[] }).choices[0].text;
+      const controller = new AbortController();
+      const long = await post({ model: 'tiny', prompt: 'Once upon a time', max_tokens: 20_000, temperature: 0, stream: true }, controller.signal);
+      const reader = long.body!.getReader();
+      for (let chunks = 0; chunks < 3; chunks++) await reader.read();
+      controller.abort();
+      const t0 = Date.now();
+      const after = ((await (await post(body)).json()) as { choices: { text: string }[] }).choices[0].text;
+      expect(after).toBe(alone);
+      expect(Date.now() - t0).toBeLessThan(15_000);
+    } finally {
+      await server.stop();
+    }
+    await closeComputePools();
+    expect(await threadsSettle(before)).toBeLessThanOrEqual(before);
   });
 });

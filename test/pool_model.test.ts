@@ -200,4 +200,21 @@ describe('the compute pool over long decodes and faults', () => {
     await closeComputePools();
     expect(await threadsSettle(before)).toBeLessThanOrEqual(before);
   });
+
+  it('every layout loads into the pool (straight from .pth, safetensors and HF shards, the .tar\'s stream, HF wq/wk unpermuted): the same logits, bit for bit', async () => {
+    const layouts = [TINY, path.join(ROOT, 'fixtures', 'tiny.tar'), ...['tiny-safetensors', 'tiny-hf', 'tiny-hf-bin', 'tiny-hf-sharded'].map((f) => path.join(ROOT, 'fixtures', 'formats', f))];
+    const ids = [[1, 100, 200, 300, 400, 17]];
+    let first: Float32Array | null = null;
+    for (const layout of layouts) {
+      const model = await Transformer.fromFolder(layout, { maxBatchSize: 1, pool: 'on', threads: 2, onDecision: () => undefined });
+      try {
+        expect(model.output.pooled).not.toBeNull();
+        const logits = portLogits(model, ids, [[0, 1, 2, 3, 4, 5]]);
+        if (first === null) first = logits;
+        else expect(Buffer.from(logits.buffer).equals(Buffer.from(first.buffer)), layout).toBe(true);
+      } finally {
+        model.dispose();
+      }
+    }
+  });
 });

@@ -29,7 +29,7 @@ export const COMMON_HELP = `Options for every model command:
                   order; also MISTRAL_BACKEND=NAME)
   --low-memory    keep the layers' weights on the host as stored (bf16) and widen each to
                   float32 only while it runs (default: on when float32 weights would not fit
-                  the backend, e.g. Mistral 7B on wasm)
+                  the backend and the compute pool is off or cannot start)
   --pool MODE     on, off or auto: the layer and output matrices in the compute pool
                   (multi-threaded WebAssembly kernels over the weights as stored); auto
                   (default) when float32 weights would not fit the backend, not on native ones

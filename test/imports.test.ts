@@ -25,6 +25,7 @@ function sources(dir: string): string[] {
 function resolveImport(from: string, spec: string): string | null {
   if (!spec.startsWith('.')) return null; // a package
   const base = path.resolve(path.dirname(from), spec);
+  if (/\.(c|m)?js$/.test(base) && fs.existsSync(base)) return null; // a plain JavaScript file (kernels/' worker code), not in the .ts graph
   for (const candidate of [base, `${base}.ts`, path.join(base, 'index.ts')]) {
     if (candidate.endsWith('.ts') && fs.existsSync(candidate) && fs.statSync(candidate).isFile()) return candidate;
   }
@@ -89,8 +90,8 @@ describe('imports', () => {
     expect(circle === null ? 'no circle' : `import circle: ${circle.join(' -> ')}`).toBe('no circle');
   });
 
-  it('nothing under checkpoint/, tokenizer/, runtime/ or model/ imports one_file_ref.ts, cli/, server/ or generation/', () => {
-    const below = ['checkpoint', 'tokenizer', 'runtime', 'model'];
+  it('nothing under checkpoint/, tokenizer/, runtime/, kernels/ or model/ imports one_file_ref.ts, cli/, server/ or generation/', () => {
+    const below = ['checkpoint', 'tokenizer', 'runtime', 'kernels', 'model'];
     const above = (f: string): boolean => f === 'one_file_ref.ts' || ['cli', 'server', 'generation'].includes(f.split(path.sep)[0]);
     const wrong = [...graph].flatMap(([file, targets]) =>
       below.includes(file.split(path.sep)[0]) ? targets.filter(above).map((t) => `${file} imports ${t}`) : [],

@@ -191,7 +191,10 @@ export function loadStateDict(args: ModelShape, checkpoint: WeightReader, opts: 
   if (lease !== null) return loadIntoPool(checkpoint, lease, expected, opts.poolReason ?? '');
   const chosen = chooseLowMemory(args, opts.lowMemory ?? 'auto', checkpoint.path);
   const { lowMemory } = chosen;
-  const decision = chosen.decision ?? (opts.poolReason !== undefined ? `matrix products on tfjs: ${opts.poolReason}` : undefined);
+  const why = opts.poolReason;
+  const decision = chosen.decision !== undefined
+    ? `${chosen.decision}${why !== undefined ? ` (compute pool not used: ${why})` : ''}`
+    : why !== undefined ? `matrix products on tfjs: ${why}` : undefined;
   const stateDict: StateDict = new Map();
   for (const [name, shape] of expected) {
     const info = checkpoint.tensors.get(name) as WeightInfo;
@@ -249,7 +252,7 @@ function loadIntoPool(
   const size = bytes >= 1e9 ? `${(bytes / 1e9).toFixed(1)} GB` : `${(bytes / 1e6).toFixed(1)} MB`;
   return {
     stateDict,
-    decision: `compute pool: ${lease.pool.threads} thread${lease.pool.threads > 1 ? 's' : ''} multiply the layer and output weights ` +
+    decision: `compute pool: ${lease.pool.threads === 1 ? '1 thread multiplies' : `${lease.pool.threads} threads multiply`} the layer and output weights ` +
       `as stored (${[...dtypes].join('/')}, ${size}) (${why}); tfjs runs the rest`,
   };
 }

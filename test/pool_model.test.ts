@@ -12,6 +12,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
 import { generate, Tokenizer, Transformer } from '../one_file_ref';
 import { readNpy } from '../checkpoint/npy';
+import { withComputePool } from '../model/load';
 import { closeComputePools } from '../model/pooled';
 import { startServe } from '../cli/serve';
 import { readBack, TINY } from './models';
@@ -216,5 +217,23 @@ describe('the compute pool over long decodes and faults', () => {
         model.dispose();
       }
     }
+  });
+
+  it("'auto' picks the pool for Mistral 7B's shape on wasm (its float32 weights do not fit), tfjs for the tiny model; a pool that cannot start falls back with a note ('on': an error)", async () => {
+    const params7b = { dim: 4096, n_layers: 32, head_dim: 128, hidden_dim: 14336, n_heads: 32, n_kv_heads: 8, norm_eps: 1e-5, sliding_window: 4096, vocab_size: 32000 };
+    const tinyParams = JSON.parse(fs.readFileSync(path.join(TINY, 'params.json'), 'utf8')) as unknown;
+    const big = await withComputePool(params7b, 'params.json', { threads: 1 });
+    expect(big.computePool).not.toBeNull();
+    expect(big.poolReason).toBe('the float32 weights would not fit the backend');
+    await big.computePool!.close();
+    expect((await withComputePool(params7b, 'params.json', { pool: 'off' })).computePool).toBeNull();
+    expect((await withComputePool(params7b, 'params.json', { lowMemory: true })).computePool).toBeNull();
+    const tiny = await withComputePool(tinyParams, 'params.json', {});
+    expect(tiny.computePool).toBeNull();
+    expect(tiny.poolReason).toMatch(/^the float32 weights fit the backend/);
+    const fallback = await withComputePool(params7b, 'params.json', { threads: 0 });
+    expect(fallback.computePool).toBeNull();
+    expect(fallback.poolReason).toBe('compute pool: threads must be an integer from 1 to 256, got 0; falling back to tfjs');
+    await expect(withComputePool(tinyParams, 'params.json', { pool: 'on', threads: 0 })).rejects.toThrow(/^compute pool: threads must be/);
   });
 });

@@ -21,7 +21,9 @@ import type { PooledMatrix } from './pooled';
  * A weight of the model. Normally a float32 tensor, loaded once. In low-memory mode (for models
  * whose float32 weights do not fit the backend) the layers' weights stay on the host as the
  * checkpoint stores them (bf16 for Mistral 7B), and each use widens one to a float32 tensor inside
- * the caller's tf.tidy, which frees it again: the backend holds one layer weight at a time.
+ * the caller's tf.tidy, which frees it again: the backend holds one layer weight at a time. On the
+ * compute pool (model/pooled.ts) a linear weight lives as stored in the pool threads' memories and
+ * has no tensor at all: linear() hands x to the pool.
  */
 export class Weight {
   private constructor(

@@ -25,7 +25,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { openModel, type TokenizerSource } from './checkpoint';
 import type { WeightReader } from './checkpoint/types';
 import { KVCache, SlotBook, type CacheStep } from './model/kv_cache';
-import { loadStateDict, type LoadOptions } from './model/load';
+import { loadStateDict, withComputePool, type LoadOptions } from './model/load';
 import { checkForwardInputs, MAX_POSITIONS, ModelArgsError, validateParams } from './model/params';
 import { chunkRanges, prefillChunkLength } from './model/prefill';
 import { readBack } from './model/host';
@@ -333,7 +333,7 @@ export class Transformer {
   static async fromFolder(folder: string, opts: LoadOptions = {}): Promise<Transformer> {
     const files = await openModel(folder, { onProgress: opts.onProgress });
     try {
-      return Transformer.fromCheckpoint(files.params, files.paramsFile, files.weights, opts);
+      return Transformer.fromCheckpoint(files.params, files.paramsFile, files.weights, await withComputePool(files.params, files.paramsFile, opts));
     } finally { files.close(); }
   }
 
@@ -454,7 +454,7 @@ export async function loadModel(modelPath: string, opts: LoadOptions = {}): Prom
   const files = await openModel(modelPath, { onProgress: opts.onProgress });
   try {
     const tokenizer = await Tokenizer.load(files.tokenizer);
-    const transformer = Transformer.fromCheckpoint(files.params, files.paramsFile, files.weights, opts);
+    const transformer = Transformer.fromCheckpoint(files.params, files.paramsFile, files.weights, await withComputePool(files.params, files.paramsFile, opts));
     if (tokenizer.nWords > transformer.args.vocabSize) {
       transformer.dispose();
       throw new ModelArgsError(`${files.paramsFile}: vocab_size ${transformer.args.vocabSize} is smaller than the tokenizer's ${tokenizer.nWords} pieces`);

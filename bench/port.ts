@@ -5,10 +5,12 @@
  *
  *   npx ts-node --transpile-only bench/port.ts --model DIR [--prefill 128] [--decode 32]
  *       [--batch 4] [--batch-prefill 128] [--batch-decode 32] [--reps 3] [--low-memory] [--backend wasm]
+ *       [--pool on|off|auto] [--threads N]
  */
 import * as os from 'os';
 import { initBackend } from '../runtime/backend';
 import { Transformer } from '../one_file_ref';
+import { closeComputePools } from '../model/pooled';
 import { openModel } from '../checkpoint';
 import { BYTES_PER_ELEMENT } from '../checkpoint/types';
 import { emitResult, intFlag, paramsReadPerToken, parseFlags, peakRssBytes, type Params } from './common';
@@ -19,6 +21,8 @@ export interface PortResult {
   backend: string;
   format: string;
   lowMemory: boolean;
+  /** Threads of the compute pool that multiplies the layer and output weights; 0 on the tfjs path. */
+  poolThreads: number;
   storedBytesPerParam: number;
   paramsPerToken: number;
   loadS: number;
@@ -27,7 +31,7 @@ export interface PortResult {
   loadavg: number[];
 }
 
-const FLAGS = ['model', 'prefill', 'decode', 'batch', 'batch-prefill', 'batch-decode', 'reps', 'low-memory', 'backend'] as const;
+const FLAGS = ['model', 'prefill', 'decode', 'batch', 'batch-prefill', 'batch-decode', 'reps', 'low-memory', 'backend', 'pool', 'threads'] as const;
 
 async function main(): Promise<void> {
   const flags = parseFlags(process.argv.slice(2), FLAGS);
@@ -54,9 +58,14 @@ async function main(): Promise<void> {
   const transformer = await Transformer.fromFolder(model, {
     maxBatchSize: 1,
     lowMemory: flags.has('low-memory') ? true : 'auto',
+    pool: (flags.get('pool') ?? 'auto') as 'on' | 'off' | 'auto',
+    threads: flags.has('threads') ? intFlag(flags, 'threads', 1) : undefined,
+    onDecision: (line) => process.stderr.write(`${line}\n`),
   });
   const loadS = (performance.now() - t0) / 1000;
-  const lowMemory = transformer.stateDict.get('layers.0.feed_forward.w1.weight')?.transposed === null;
+  const w1 = transformer.stateDict.get('layers.0.feed_forward.w1.weight');
+  const poolThreads = w1?.pooled?.lease.pool.threads ?? 0;
+  const lowMemory = poolThreads === 0 && w1?.transposed === null;
 
   const runs: RunTimes[] = [];
   for (let r = 0; r < reps; r++) {
@@ -69,6 +78,7 @@ async function main(): Promise<void> {
     backend,
     format,
     lowMemory,
+    poolThreads,
     storedBytesPerParam,
     paramsPerToken: perToken.layers + perToken.output,
     loadS,
@@ -76,6 +86,8 @@ async function main(): Promise<void> {
     peakRssBytes: peakRssBytes(),
     loadavg: os.loadavg(),
   };
+  transformer.dispose();
+  await closeComputePools();
   emitResult(result);
 }
 

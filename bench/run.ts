@@ -9,7 +9,9 @@
  * 3. How cost grows with length under the sliding window (bench/scaling.ts).
  * 4. Memory over 1,000 decode steps (bench/memory.ts).
  * 5. With BENCH_7B=1, the same table for a Mistral-7B-shaped checkpoint (default
- *    /tmp/mistral-7b-random, made by scripts/make_random_7b.py) in low-memory mode, few steps.
+ *    /tmp/mistral-7b-random, made by scripts/make_random_7b.py) on the compute pool, few steps
+ *    (BENCH_7B_LOWMEM=1 adds tfjs's low-memory mode). The small model also runs on both paths
+ *    (tfjs and the compute pool) in turns, with their ratio (BENCH_SKIP_POOL=1 skips it).
  *
  * Environment: BENCH_REPS (processes per side, default 3 for the port and 2 for the reference, each
  * running the workloads twice),
@@ -160,7 +162,10 @@ function report(
   console.log(`\n## ${title}\n`);
   console.log(table(rows));
   console.log(
-    `\nport: ${portInfo.backend} backend, one thread, ${portInfo.lowMemory ? 'low-memory mode (layers widened from the host per use)' : 'weights resident'}, ` +
+    `\nport: ${portInfo.backend} backend, ` +
+      (portInfo.poolThreads > 0
+        ? `layer and output products on the compute pool (${portInfo.poolThreads} threads, weights as stored), the rest on one thread, `
+        : `one thread, ${portInfo.lowMemory ? 'low-memory mode (layers widened from the host per use)' : 'weights resident'}, `) +
       `loads ${portInfo.format}.`,
   );
   if (refInfo) {
@@ -272,6 +277,35 @@ function printMemory(m: MemoryResult): boolean {
   return tensorsFlat && backendFlat && rssFlat && slotsExact;
 }
 
+/**
+ * The port's two paths on one model, in turns (a process each, so that a shared machine's load
+ * falls on both alike): the tfjs path and the compute pool, with the ratio pool/tfjs per row.
+ */
+async function comparePaths(title: string, model: string, w: Workload & { batchPrefill: number }, turns: number, reps: number): Promise<void> {
+  const common = ['--prefill', `${w.prefill}`, '--decode', `${w.decode}`, '--batch', `${w.batch}`, '--batch-prefill', `${w.batchPrefill}`, '--batch-decode', `${w.batchDecode}`, '--reps', `${reps}`];
+  const tfjs: PortResult[] = [];
+  const pool: PortResult[] = [];
+  for (let turn = 0; turn < turns; turn++) {
+    console.error(`${title}: tfjs path, turn ${turn + 1}/${turns}`);
+    tfjs.push(await tsChild<PortResult>('port.ts', ['--model', model, ...common, '--pool', 'off']));
+    console.error(`${title}: compute pool, turn ${turn + 1}/${turns}`);
+    pool.push(await tsChild<PortResult>('port.ts', ['--model', model, ...common, '--pool', 'on']));
+  }
+  const [a, b] = [summarize(tfjs, w), summarize(pool, w)];
+  const ratio = (x: number, y: number): string => (Number.isFinite(x) && Number.isFinite(y) ? `${(x / y).toFixed(2)}x` : '-');
+  console.log(`\n## ${title}\n`);
+  console.log(table([
+    ['', 'tfjs path', `compute pool (${pool[0].poolThreads} threads)`, 'pool/tfjs'],
+    [`prefill tokens/s (${w.prefill} tokens, batch 1)`, fmt(a.prefillTokS), fmt(b.prefillTokS), ratio(b.prefillTokS, a.prefillTokS)],
+    [`decode tokens/s (${w.decode} steps after it)`, fmt(a.decodeTokS), fmt(b.decodeTokS), ratio(b.decodeTokS, a.decodeTokS)],
+    ['  median of the runs', fmt(a.decodeMedianTokS), fmt(b.decodeMedianTokS), ratio(b.decodeMedianTokS, a.decodeMedianTokS)],
+    [`batch-${w.batch} decode tokens/s (${w.batchDecode} steps)`, fmt(a.batchDecodeTokS), fmt(b.batchDecodeTokS), ratio(b.batchDecodeTokS, a.batchDecodeTokS)],
+    ['load time, s', fmt(a.loadS, 2), fmt(b.loadS, 2), ratio(b.loadS, a.loadS)],
+    ['peak RSS', mib(a.peakRssBytes), mib(b.peakRssBytes), ratio(b.peakRssBytes, a.peakRssBytes)],
+  ]));
+  console.log(`\nfigures: the best of ${turns * reps} runs per path (${reps} per process), the paths taking turns; load average ${os.loadavg().map((x) => x.toFixed(2)).join(' ')}.`);
+}
+
 async function main(): Promise<void> {
   const load = (): string => os.loadavg().map((x) => x.toFixed(2)).join(' ');
   console.log('# mistral-ts benchmark\n');
@@ -301,8 +335,11 @@ async function main(): Promise<void> {
     judged = true;
     ok = await compare(
       'Small model (dim 512, 4 layers, GQA 8/2, vocab 32000, float32), this machine',
-      small, smallWorkload, turns, 2, [], noReference === null ? [] : null, bandwidth, true,
+      small, smallWorkload, turns, 2, ['--pool', 'off'], noReference === null ? [] : null, bandwidth, true,
     );
+  }
+  if (process.env.BENCH_SKIP_POOL !== '1') {
+    await comparePaths('Small model: the tfjs path against the compute pool (float32 weights, all cores)', small, smallWorkload, turns.port, 2);
   }
 
   if (process.env.BENCH_SKIP_SCALING !== '1') {
@@ -318,12 +355,16 @@ async function main(): Promise<void> {
     if (!fs.existsSync(path.join(big, 'params.json'))) {
       console.log(`\n7B: no checkpoint at ${big} (make one with: /usr/bin/python3 scripts/make_random_7b.py ${big})`);
     } else {
-      const w7 = { prefill: 16, decode: 3, batch: 4, batchPrefill: 16, batchDecode: 2 };
+      const w7 = { prefill: 64, decode: 8, batch: 4, batchPrefill: 16, batchDecode: 4 };
       // The reference holds 14.5 GB of bf16 plus caches: run it only where that fits beside the rest.
       const available = Number(fs.readFileSync('/proc/meminfo', 'utf8').match(/MemAvailable:\s+(\d+) kB/)?.[1] ?? os.freemem() / 1024) * 1024;
       const refFlags = noReference === null && available > 18 * 1024 ** 3 ? ['--dtype', 'bfloat16', '--stream'] : null;
       if (noReference === null && refFlags === null) console.log(`\n7B reference: not run (needs about 18 GiB free, ${gib(available)} available)`);
-      await compare('Mistral-7B-shaped random checkpoint (bf16), low-memory mode', big, w7, { port: 1, reference: 1 }, 1, ['--low-memory'], refFlags, bandwidth, false);
+      await compare('Mistral-7B-shaped random checkpoint (bf16), compute pool', big, w7, { port: 1, reference: 1 }, 1, ['--pool', 'on'], refFlags, bandwidth, false);
+      if (process.env.BENCH_7B_LOWMEM === '1') {
+        const wl = { prefill: 16, decode: 3, batch: 4, batchPrefill: 16, batchDecode: 2 };
+        await compare('Mistral-7B-shaped random checkpoint (bf16), tfjs low-memory mode', big, wl, { port: 1, reference: 0 }, 1, ['--pool', 'off', '--low-memory'], null, bandwidth, false);
+      }
     }
   }
   console.log(`\nload average at end ${load()}`);

@@ -313,6 +313,15 @@ class HfWeights implements WeightReader {
     return toFloat32(this.readRaw(name));
   }
 
+  /** Straight from the shard when its rows are in Mistral's order; wq and wk (permuted in HF) go through readRaw. */
+  readRawInto(name: string, byteOffset: number, target: Uint8Array): void {
+    const source = this.sources.get(name);
+    if (!source) throw new CheckpointError(this.path, `no tensor named "${name}"`);
+    if (!source.heads && source.reader.readRawInto) return source.reader.readRawInto(source.hfName, byteOffset, target);
+    const { data } = this.readRaw(name);
+    target.set(new Uint8Array(data.buffer, data.byteOffset, data.byteLength).subarray(byteOffset, byteOffset + target.length));
+  }
+
   close(): void {
     for (const reader of this.readers) reader.close();
   }

@@ -168,6 +168,12 @@ export function withProgress(reader: WeightReader, onProgress: ProgressCallback)
       count(name);
       return data;
     },
+    ...(reader.readRawInto && {
+      readRawInto: (name: string, byteOffset: number, target: Uint8Array): void => {
+        reader.readRawInto!(name, byteOffset, target);
+        count(name);
+      },
+    }),
     close: () => reader.close(),
   };
 }

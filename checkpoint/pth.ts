@@ -67,6 +67,16 @@ class PthFile implements PthCheckpoint {
     return toFloat32(this.readRaw(name));
   }
 
+  readRawInto(name: string, byteOffset: number, target: Uint8Array): void {
+    const info = this.tensors.get(name);
+    if (!info) throw new CheckpointError(this.path, `no tensor named "${name}"`);
+    const size = BYTES_PER_ELEMENT[info.dtype];
+    if (byteOffset < 0 || byteOffset + target.length > info.numel * size) {
+      throw new CheckpointError(this.path, `tensor "${name}": bytes ${byteOffset}..${byteOffset + target.length} are outside its ${info.numel * size}`);
+    }
+    this.zip.readInto(this.storageEntry(info.storageKey), info.storageOffset * size + byteOffset, target);
+  }
+
   /** torch names the zip's top folder after the file it saved to; the first record is always in it. */
   private findPrefix(): string {
     const first = this.zip.entries.keys().next();

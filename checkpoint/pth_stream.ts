@@ -461,6 +461,16 @@ class InMemoryWeights implements WeightReader {
     return toFloat32(this.readRaw(name));
   }
 
+  /** Copies from the stream's storage (already in memory) into `target`. */
+  readRawInto(name: string, byteOffset: number, target: Uint8Array): void {
+    const { data } = this.readRaw(name);
+    const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+    if (byteOffset < 0 || byteOffset + target.length > bytes.length) {
+      throw new CheckpointError(this.path, `tensor "${name}": bytes ${byteOffset}..${byteOffset + target.length} are outside its ${bytes.length}`);
+    }
+    target.set(bytes.subarray(byteOffset, byteOffset + target.length));
+  }
+
   close(): void {
     this.views = null;
   }

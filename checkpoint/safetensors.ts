@@ -77,6 +77,16 @@ class Safetensors implements SafetensorsFile {
     return toFloat32(this.readRaw(name));
   }
 
+  readRawInto(name: string, byteOffset: number, target: Uint8Array): void {
+    const info = this.tensors.get(name);
+    if (!info) throw new CheckpointError(this.path, `no tensor named "${name}"`);
+    const bytes = info.numel * BYTES_PER_ELEMENT[info.dtype];
+    if (byteOffset < 0 || byteOffset + target.length > bytes) {
+      throw new CheckpointError(this.path, `tensor "${name}": bytes ${byteOffset}..${byteOffset + target.length} are outside its ${bytes}`);
+    }
+    this.readAt(info.fileOffset + byteOffset, target, `tensor "${name}"`);
+  }
+
   close(): void {
     if (this.fd !== null) fs.closeSync(this.fd);
     this.fd = null;

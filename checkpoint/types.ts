@@ -31,6 +31,11 @@ export interface WeightReader {
   readonly tensors: ReadonlyMap<string, WeightInfo>;
   /** Tensor `name` as stored. */
   readRaw(name: string): RawTensor;
+  /**
+   * Bytes [byteOffset, byteOffset + target.length) of tensor `name` as stored (row-major), read
+   * straight into `target` (e.g. a compute pool's memory), for readers that can without a copy.
+   */
+  readRawInto?(name: string, byteOffset: number, target: Uint8Array): void;
   /** Tensor `name` widened to float32 (exact: bf16 and f16 values all fit). */
   read(name: string): Float32Array;
   /** Releases files and buffers; reads fail afterwards. */

@@ -18,6 +18,8 @@ export type OptionSpec = Record<string, { type: 'string' | 'boolean'; multiple?:
 export const COMMON_OPTIONS = {
   backend: { type: 'string' },
   'low-memory': { type: 'boolean' },
+  pool: { type: 'string' },
+  threads: { type: 'string' },
   quiet: { type: 'boolean' },
   verbose: { type: 'boolean' },
   help: { type: 'boolean', short: 'h' },
@@ -28,7 +30,11 @@ export const COMMON_HELP = `Options for every model command:
                   order; also MISTRAL_BACKEND=NAME)
   --low-memory    keep the layers' weights on the host as stored (bf16) and widen each to
                   float32 only while it runs (default: on when float32 weights would not fit
-                  the backend, e.g. Mistral 7B on wasm)
+                  the backend and the compute pool is off or cannot start)
+  --pool MODE     on, off or auto: the layer and output matrices in the compute pool
+                  (multi-threaded WebAssembly kernels over the weights as stored); auto
+                  (default) when float32 weights would not fit the backend, not on native ones
+  -t, --threads N the compute pool's threads (default: the machine's cores)
   --quiet         no progress bar or timings on stderr
   --verbose       print stack traces with errors
   -h, --help      this text
@@ -79,7 +85,7 @@ function explainParseError(e: Error & { code?: string }): string {
 }
 
 /** The short forms llama.cpp users type first, given to a command's flags of these names. */
-const SHORT_FLAGS: Record<string, string> = { prompt: 'p', file: 'f', 'max-tokens': 'n', seed: 's', 'chunk-size': 'c', help: 'h' };
+const SHORT_FLAGS: Record<string, string> = { prompt: 'p', file: 'f', 'max-tokens': 'n', seed: 's', 'chunk-size': 'c', threads: 't', help: 'h' };
 
 /** The options with their short forms, and -f/--file wherever there is a --prompt. */
 function withShortFlags(options: OptionSpec): OptionSpec {

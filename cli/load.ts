@@ -6,11 +6,14 @@ import { type NonFiniteWeights, reportNonFiniteWeights } from '../checkpoint';
 import { loadModel, type LoadOptions, type Tokenizer, type Transformer } from '../one_file_ref';
 import { initBackend } from '../runtime/backend';
 import { createProgress } from '../runtime/progress';
+import { parseIntFlag, UsageError } from './args';
 
 /** The common flags, as parseCommandLine returns them. */
 export interface CommonFlags {
   backend?: string;
   'low-memory'?: boolean;
+  pool?: string;
+  threads?: string;
   quiet?: boolean;
 }
 
@@ -18,9 +21,16 @@ export interface CommonFlags {
 export function loadOptions(flags: CommonFlags, maxBatchSize: number): LoadOptions & { loadedAt: () => number } {
   const progress = createProgress('loading weights', { quiet: flags.quiet });
   let loadedAt = 0;
+  const pool = flags.pool ?? 'auto';
+  if (pool !== 'on' && pool !== 'off' && pool !== 'auto') throw new UsageError(`--pool must be on, off or auto, got "${pool}"`);
   return {
     maxBatchSize,
     lowMemory: flags['low-memory'] ? true : 'auto',
+    pool,
+    threads: flags.threads === undefined ? undefined : parseIntFlag('threads', flags.threads, 0, 1),
+    onDecision: (line) => {
+      if (!flags.quiet) process.stderr.write(`${line}\n`);
+    },
     onProgress: (done, total) => {
       progress.update(done, total);
       if (done >= total && loadedAt === 0) {
@@ -37,8 +47,9 @@ export async function loadForCommand(
   flags: CommonFlags,
   maxBatchSize: number,
 ): Promise<{ tokenizer: Tokenizer; transformer: Transformer }> {
+  const opts = loadOptions(flags, maxBatchSize); // flags checked before the backend starts
   await initBackend(flags.backend, { quiet: flags.quiet });
-  return reportNonFiniteWeightsOf(() => loadModel(model, loadOptions(flags, maxBatchSize)));
+  return reportNonFiniteWeightsOf(() => loadModel(model, opts));
 }
 
 /**

@@ -11,6 +11,7 @@
  */
 import * as fs from 'fs';
 import * as path from 'path';
+import { closeComputePools } from '../model/pooled';
 import { COMMON_HELP, UsageError } from './args';
 import { maybeNoteBackend } from './backend_note';
 import { CONVERT_HELP, convertCommand } from './convert';
@@ -119,8 +120,9 @@ export async function run(argv: string[]): Promise<void> {
 export function main(argv: string[]): void {
   const verbose = argv.includes('--verbose');
   run(argv).then(
-    () => process.exit(0),
+    () => closeComputePools().then(() => process.exit(0)),
     (err: unknown) => {
+      void closeComputePools();
       const e = err instanceof Error ? err : new Error(String(err));
       process.stderr.write(`error: ${e.message.split('\n')[0]}\n`);
       if (verbose && e.stack) process.stderr.write(`${e.stack}\n`);

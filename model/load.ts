@@ -7,7 +7,8 @@
  */
 import type { WeightInfo, WeightReader } from '../checkpoint/types';
 import { backendMemoryLimit, backendTraits, BackendError } from '../runtime/backend';
-import { MAX_POSITIONS } from './params';
+import { MAX_POSITIONS, validateParams } from './params';
+import { armTestHooks, choosePool, fuseGroups, POOL_DTYPE, PooledMatrix, startPool, type PoolLease, type PoolMode } from './pooled';
 import { Weight, type StateDict } from './weights';
 
 /** The hyperparameters the weights' shapes depend on (ModelArgs has them). */
@@ -38,6 +39,47 @@ export interface LoadOptions {
   onProgress?: (bytesDone: number, bytesTotal: number) => void;
   /** Told what loading decided (low-memory mode and why); by default one_file_ref.ts writes it on stderr. */
   onDecision?: (line: string) => void;
+  /**
+   * The compute pool (model/pooled.ts) for the layer and output matrices: 'auto' (the default) when
+   * the float32 weights would not fit the backend. Started by withComputePool(), which loadModel
+   * and fromFolder call; fromCheckpoint alone uses a pool only when `computePool` holds one.
+   */
+  pool?: PoolMode;
+  /** The pool's threads, the main thread included (default: the machine's cores). */
+  threads?: number;
+  /** Set by withComputePool(): the started pool, or null when the tfjs path runs. */
+  computePool?: PoolLease | null;
+  /** Set by withComputePool(): why that path, for the decision line. */
+  poolReason?: string;
+}
+
+/**
+ * Decides whether the compute pool runs for this model and starts it: `opts` with `computePool`
+ * set. 'auto' falls back to tfjs with a note when the pool cannot start; 'on' fails with one line.
+ */
+export async function withComputePool(params: unknown, paramsFile: string, opts: LoadOptions): Promise<LoadOptions> {
+  if (opts.computePool !== undefined) return opts;
+  const p = validateParams(params, paramsFile);
+  const shape: ModelShape = {
+    dim: p.dim, nLayers: p.n_layers, headDim: p.head_dim, hiddenDim: p.hidden_dim, nHeads: p.n_heads,
+    nKvHeads: p.n_kv_heads, slidingWindow: p.sliding_window, vocabSize: p.vocab_size,
+  };
+  let needsLowMemory = true;
+  try {
+    needsLowMemory = chooseLowMemory(shape, 'auto', paramsFile).lowMemory;
+  } catch {
+    // does not fit even in low-memory mode: the pool may still hold it
+  }
+  const mode = opts.pool ?? 'auto';
+  const { use, why } = choosePool({ mode, threads: opts.threads }, needsLowMemory, opts.lowMemory === true);
+  if (!use) return { ...opts, computePool: null, poolReason: why };
+  try {
+    return { ...opts, computePool: await startPool(opts.threads), poolReason: why };
+  } catch (err) {
+    if (mode === 'on') throw err;
+    const line = (err instanceof Error ? err.message : String(err)).split('\n')[0];
+    return { ...opts, computePool: null, poolReason: `${line}; falling back to tfjs` };
+  }
 }
 
 /** Every weight of consolidated.00.pth with its shape, as the reference's modules declare them. */
@@ -139,8 +181,20 @@ export function chooseLowMemory(args: ModelShape, wanted: boolean | 'auto', sour
  */
 export function loadStateDict(args: ModelShape, checkpoint: WeightReader, opts: LoadOptions): { stateDict: StateDict; decision?: string } {
   const expected = stateDictShapes(args);
-  checkStateDict(checkpoint.path, expected, checkpoint.tensors);
-  const { lowMemory, decision } = chooseLowMemory(args, opts.lowMemory ?? 'auto', checkpoint.path);
+  const lease = opts.computePool ?? null;
+  try {
+    checkStateDict(checkpoint.path, expected, checkpoint.tensors);
+  } catch (err) {
+    void lease?.close();
+    throw err;
+  }
+  if (lease !== null) return loadIntoPool(checkpoint, lease, expected, opts.poolReason ?? '');
+  const chosen = chooseLowMemory(args, opts.lowMemory ?? 'auto', checkpoint.path);
+  const { lowMemory } = chosen;
+  const why = opts.poolReason;
+  const decision = chosen.decision !== undefined
+    ? `${chosen.decision}${why !== undefined ? ` (compute pool not used: ${why})` : ''}`
+    : why !== undefined ? `matrix products on tfjs: ${why}` : undefined;
   const stateDict: StateDict = new Map();
   for (const [name, shape] of expected) {
     const info = checkpoint.tensors.get(name) as WeightInfo;
@@ -152,4 +206,53 @@ export function loadStateDict(args: ModelShape, checkpoint: WeightReader, opts: 
     stateDict.set(name, w);
   }
   return { stateDict, decision };
+}
+
+/**
+ * The state dict with every linear weight but the embedding in the compute pool, read from the
+ * checkpoint straight into the pool threads' memories (readRawInto: at its offset in the file, or
+ * from the .tar's stream); a reader without it hands over one weight as stored at a time. The
+ * embedding table and the norms are float32 tensors as usual.
+ */
+function loadIntoPool(
+  checkpoint: WeightReader, lease: PoolLease, expected: Map<string, number[]>, why: string,
+): { stateDict: StateDict; decision: string } {
+  const stateDict: StateDict = new Map();
+  const pooled = new Map<string, PooledMatrix>();
+  let bytes = 0;
+  const dtypes = new Set<string>();
+  try {
+    for (const [name, shape] of expected) {
+      const info = checkpoint.tensors.get(name) as WeightInfo;
+      if (!isLinear(name, shape)) {
+        stateDict.set(name, Weight.resident(checkpoint.read(name), shape, name, info.dtype));
+        continue;
+      }
+      const [rows, cols] = shape;
+      const handle = lease.pool.addWeight(name, rows, cols, POOL_DTYPE[info.dtype]);
+      if (checkpoint.readRawInto) {
+        for (const t of lease.pool.targets(handle)) checkpoint.readRawInto(name, t.byteStart, t.bytes);
+      } else {
+        const { data } = checkpoint.readRaw(name);
+        lease.pool.write(handle, 0, new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
+      }
+      const m = new PooledMatrix(lease, handle);
+      pooled.set(name, m);
+      stateDict.set(name, Weight.inPool(m, [rows, cols], name, info.dtype));
+      bytes += rows * handle.rowBytes;
+      dtypes.add(POOL_DTYPE[info.dtype]);
+    }
+  } catch (err) {
+    for (const w of stateDict.values()) w.dispose();
+    void lease.close();
+    throw err;
+  }
+  fuseGroups(pooled);
+  armTestHooks(lease);
+  const size = bytes >= 1e9 ? `${(bytes / 1e9).toFixed(1)} GB` : `${(bytes / 1e6).toFixed(1)} MB`;
+  return {
+    stateDict,
+    decision: `compute pool: ${lease.pool.threads === 1 ? '1 thread multiplies' : `${lease.pool.threads} threads multiply`} the layer and output weights ` +
+      `as stored (${[...dtypes].join('/')}, ${size}) (${why}); tfjs runs the rest`,
+  };
 }

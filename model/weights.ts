@@ -15,12 +15,15 @@ import * as tf from '@tensorflow/tfjs-core';
 import { widen16 } from '../checkpoint/dtypes';
 import type { RawTensor, WeightDtype } from '../checkpoint/types';
 import { backendTraits } from '../runtime/backend';
+import type { PooledMatrix } from './pooled';
 
 /**
  * A weight of the model. Normally a float32 tensor, loaded once. In low-memory mode (for models
  * whose float32 weights do not fit the backend) the layers' weights stay on the host as the
  * checkpoint stores them (bf16 for Mistral 7B), and each use widens one to a float32 tensor inside
- * the caller's tf.tidy, which frees it again: the backend holds one layer weight at a time.
+ * the caller's tf.tidy, which frees it again: the backend holds one layer weight at a time. On the
+ * compute pool (model/pooled.ts) a linear weight lives as stored in the pool threads' memories and
+ * has no tensor at all: linear() hands x to the pool.
  */
 export class Weight {
   private constructor(
@@ -34,6 +37,8 @@ export class Weight {
     private readonly host: RawTensor | null,
     /** A resident linear weight, transposed once at load: [in, out]. */
     readonly transposed: tf.Tensor2D | null = null,
+    /** A linear weight held in the compute pool as stored (model/pooled.ts); linear() multiplies it there. */
+    readonly pooled: PooledMatrix | null = null,
   ) {}
 
   static resident(data: Float32Array, shape: number[], name = '', dtype: WeightDtype = 'float32'): Weight {
@@ -54,6 +59,11 @@ export class Weight {
     return new Weight(name, raw.shape, raw.dtype, null, raw);
   }
 
+  /** A linear weight [out, in] in the compute pool; it has no tensor(). */
+  static inPool(matrix: PooledMatrix, shape: [number, number], name: string, dtype: WeightDtype): Weight {
+    return new Weight(name, shape, dtype, null, null, null, matrix);
+  }
+
   /**
    * The float32 tensor as stored; a fresh one, owned by the enclosing tf.tidy, in low-memory mode
    * and for a linear weight held transposed.
@@ -61,12 +71,14 @@ export class Weight {
   tensor(): tf.Tensor {
     if (this.resident) return this.resident;
     if (this.transposed) return tf.transpose(this.transposed);
+    if (this.pooled) throw new Error(`weight ${this.name} lives in the compute pool: only linear() multiplies it`);
     return tf.tensor(widenOnHost(this.host!), this.shape, 'float32');
   }
 
   dispose(): void {
     this.resident?.dispose();
     this.transposed?.dispose();
+    this.pooled?.release();
   }
 }
 
@@ -101,6 +113,11 @@ export function linear(x: tf.Tensor, w: Weight): tf.Tensor {
   return tf.tidy(() => {
     const [outFeatures, inFeatures] = w.shape as [number, number];
     const lead = x.shape.slice(0, -1);
+    if (w.pooled) {
+      // The compute pool: x read back (float32, [N, in]), y = x W^T by the pool's threads, y back in.
+      const n = x.size / inFeatures;
+      return tf.tensor(w.pooled.matmul(x.id, () => x.dataSync() as Float32Array, n), [...lead, outFeatures], 'float32');
+    }
     const x2d = tf.reshape(x, [-1, inFeatures]) as tf.Tensor2D; // [N, in]
     const y = w.transposed
       ? tf.matMul(x2d, w.transposed) // [N, in] @ [in, out] -> [N, out]

@@ -80,7 +80,7 @@ function describeRun(r: CliResult): string {
 
 /** stderr without the status lines a model command prints: `backend: NAME`, the loading summary, the timing. */
 function errorLines(r: CliResult): string[] {
-  const status = /^(backend: \S+|loading weights: .* in [\d.]+ s \(.*\/s\)|\d+ steps in [\d.]+ s: .*)$/;
+  const status = /^(backend: \S+|loading weights: .* in [\d.]+ s \(.*\/s\)|\d+ steps in [\d.]+ s: .*|(compute pool|matrix products on tfjs|low-memory mode): .*)$/;
   return r.stderr.split('\n').filter((line) => line !== '' && !status.test(line));
 }
 

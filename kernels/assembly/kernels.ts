@@ -323,6 +323,171 @@ export function matmul_f32(w: usize, x: usize, y: usize, rows: i32, cols: i32, T
   matmul(F32, w, x, y, rows, cols, T, scratch);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Q8_0 weights (llama.cpp's layout) with int16-quantized activations.
+//
+// Layouts
+//   W  [rows, cols], cols a multiple of 32: each row is cols / 32 blocks of 34 bytes, llama.cpp's
+//      block_q8_0: d (f16 scale, little-endian) then 32 int8 q; W[r, 32b + i] = d * q[i].
+//      Row r at w + r * (cols / 32) * 34; blocks are not 4-byte aligned (unaligned loads).
+//   x  [T, cols] float32 as above; y [T, rows] float32 as above.
+//   scratch  the quantized input: T * cols int16 (token t's at scratch + t * cols * 2), then T *
+//            (cols / 32) float32 scales; T * cols * 3 bytes at most (the pool gives (T + 2) * cols * 4).
+//
+// Activation quantization, per token and block of 32 values x[0..31] (float32 arithmetic):
+//   amax = max |x[i]|;  dx = amax / 32767 (one rounded division);
+//   if dx == 0: every xq[i] = 0 (and dx = 0), else xq[i] = nearest(x[i] / dx) as int16, the division
+//   rounded to float32 and then rounded to an integer, ties to even (|x[i] / dx| <= 32767.002, so
+//   the result is within int16; a saturating conversion guards the bound anyway).
+//   Non-finite inputs are not meaningful here (amax = inf gives dx = inf and q = 0 or NaN -> 0).
+//
+// The product, per row r and token t, blocks b = 0 .. cols/32 - 1 in increasing order:
+//   P[j] = sum over k = 0..3 of ( wq[8k + 2j] * xq[8k + 2j] + wq[8k + 2j + 1] * xq[8k + 2j + 1] )
+//          for the four lanes j = 0..3: exact int32 (i32x4.dot_i16x8_s on int8 widened to int16;
+//          |P[j]| <= 8 * 128 * 32767 < 2^31, so the order of the integer sums does not matter).
+//   s    = float32(d_w) * dx                   (rounded to float32; d_w decoded from f16 exactly)
+//   a[j] = a[j] + s * float32(P[j])            (the int32 converted with rounding to nearest even,
+//                                               then product rounded, then sum rounded)
+//   with a[j] = 0 before block 0; finally y[t, r] = (a[0] + a[1]) + (a[2] + a[3]).
+// So each output depends only on its row and its token's input: the same bits whichever thread
+// computes the row, in a group of 4 rows or alone, and whatever T is.
+
+const Q8_BLOCK_BYTES: usize = 34;
+
+/** Quantizes x [T, cols] (cols a multiple of 32) into xq (int16) and its per-block scales dxs, as stated above. */
+// @ts-ignore: decorator
+@inline function quantizeInput(x: usize, xq: usize, dxs: usize, cols: i32, T: i32): void {
+  const n = <usize>T * <usize>cols; // values
+  for (let i: usize = 0; i < n; i += 32) {
+    const p = x + (i << 2);
+    const v0 = v128.load(p), v1 = v128.load(p, 16), v2 = v128.load(p, 32), v3 = v128.load(p, 48);
+    const v4 = v128.load(p, 64), v5 = v128.load(p, 80), v6 = v128.load(p, 96), v7 = v128.load(p, 112);
+    const m = f32x4.max(
+      f32x4.max(f32x4.max(f32x4.abs(v0), f32x4.abs(v1)), f32x4.max(f32x4.abs(v2), f32x4.abs(v3))),
+      f32x4.max(f32x4.max(f32x4.abs(v4), f32x4.abs(v5)), f32x4.max(f32x4.abs(v6), f32x4.abs(v7))),
+    );
+    const amax = max(max(f32x4.extract_lane(m, 0), f32x4.extract_lane(m, 1)), max(f32x4.extract_lane(m, 2), f32x4.extract_lane(m, 3)));
+    const dx: f32 = amax / <f32>32767;
+    const q = xq + (i << 1);
+    store<f32>(dxs + ((i >> 5) << 2), dx);
+    if (dx == 0) {
+      const z = i32x4.splat(0);
+      v128.store(q, z); v128.store(q, z, 16); v128.store(q, z, 32); v128.store(q, z, 48);
+      continue;
+    }
+    const d = f32x4.splat(dx);
+    v128.store(q, i16x8.narrow_i32x4_s(toInt(v0, d), toInt(v1, d)));
+    v128.store(q, i16x8.narrow_i32x4_s(toInt(v2, d), toInt(v3, d)), 16);
+    v128.store(q, i16x8.narrow_i32x4_s(toInt(v4, d), toInt(v5, d)), 32);
+    v128.store(q, i16x8.narrow_i32x4_s(toInt(v6, d), toInt(v7, d)), 48);
+  }
+}
+
+/** nearest(v / d) as int32 lanes (ties to even; NaN -> 0, out of range saturated). */
+// @ts-ignore: decorator
+@inline function toInt(v: v128, d: v128): v128 {
+  return i32x4.trunc_sat_f32x4_s(f32x4.nearest(f32x4.div(v, d)));
+}
+
+/** The exact int32 lanes P[j] of one block: the weight block's 32 int8 at `wq`, the int16 input at `xq`. */
+// @ts-ignore: decorator
+@inline function blockDot(wq: usize, xq: usize): v128 {
+  const lo = v128.load(wq);
+  const hi = v128.load(wq, 16);
+  const d0 = i32x4.dot_i16x8_s(i16x8.extend_low_i8x16_s(lo), v128.load(xq));
+  const d1 = i32x4.dot_i16x8_s(i16x8.extend_high_i8x16_s(lo), v128.load(xq, 16));
+  const d2 = i32x4.dot_i16x8_s(i16x8.extend_low_i8x16_s(hi), v128.load(xq, 32));
+  const d3 = i32x4.dot_i16x8_s(i16x8.extend_high_i8x16_s(hi), v128.load(xq, 48));
+  return i32x4.add(i32x4.add(d0, d1), i32x4.add(d2, d3));
+}
+
+/** a + s * float32(P), lanewise, rounded twice. */
+// @ts-ignore: decorator
+@inline function q8Acc(a: v128, s: v128, p: v128): v128 {
+  return f32x4.add(a, f32x4.mul(s, f32x4.convert_i32x4_s(p)));
+}
+
+/** (a[0] + a[1]) + (a[2] + a[3]). */
+// @ts-ignore: decorator
+@inline function q8Finish(a: v128): f32 {
+  return (f32x4.extract_lane(a, 0) + f32x4.extract_lane(a, 1)) + (f32x4.extract_lane(a, 2) + f32x4.extract_lane(a, 3));
+}
+
+/** y for one row (at `row`) and one token (quantized input at xq, scales at dxs). */
+// @ts-ignore: decorator
+@inline function q8Dot1(row: usize, xq: usize, dxs: usize, nb: i32): f32 {
+  let a = f32x4.splat(0);
+  for (let b = 0; b < nb; b++) {
+    const p = row + <usize>b * Q8_BLOCK_BYTES;
+    const s = f32x4.splat(f16ToF32(<u32>load<u16>(p)) * load<f32>(dxs + (<usize>b << 2)));
+    a = q8Acc(a, s, blockDot(p + 2, xq + (<usize>b << 6)));
+  }
+  return q8Finish(a);
+}
+
+/**
+ * Four rows (the first at w0, `rowBytes` apart) and one token: the rows' scales of a block decoded
+ * together (f16ToF32Bits on four lanes), the input's loads shared. Stores y at out, out + 4, ...
+ */
+// @ts-ignore: decorator
+@inline function q8Dot4(w0: usize, rowBytes: usize, xq: usize, dxs: usize, nb: i32, out: usize): void {
+  const w1 = w0 + rowBytes;
+  const w2 = w1 + rowBytes;
+  const w3 = w2 + rowBytes;
+  let a0 = f32x4.splat(0), a1 = f32x4.splat(0), a2 = f32x4.splat(0), a3 = f32x4.splat(0);
+  for (let b = 0; b < nb; b++) {
+    const off = <usize>b * Q8_BLOCK_BYTES;
+    let h = i32x4.splat(<i32>load<u16>(w0 + off));
+    h = i32x4.replace_lane(h, 1, <i32>load<u16>(w1 + off));
+    h = i32x4.replace_lane(h, 2, <i32>load<u16>(w2 + off));
+    h = i32x4.replace_lane(h, 3, <i32>load<u16>(w3 + off));
+    const s = f32x4.mul(f16ToF32Bits(h), v128.load32_splat(dxs + (<usize>b << 2)));
+    const xb = xq + (<usize>b << 6);
+    a0 = q8Acc(a0, v128.shuffle<f32>(s, s, 0, 0, 0, 0), blockDot(w0 + off + 2, xb));
+    a1 = q8Acc(a1, v128.shuffle<f32>(s, s, 1, 1, 1, 1), blockDot(w1 + off + 2, xb));
+    a2 = q8Acc(a2, v128.shuffle<f32>(s, s, 2, 2, 2, 2), blockDot(w2 + off + 2, xb));
+    a3 = q8Acc(a3, v128.shuffle<f32>(s, s, 3, 3, 3, 3), blockDot(w3 + off + 2, xb));
+  }
+  store<f32>(out, q8Finish(a0));
+  store<f32>(out, q8Finish(a1), 4);
+  store<f32>(out, q8Finish(a2), 8);
+  store<f32>(out, q8Finish(a3), 12);
+}
+
+/**
+ * y = W x for T tokens of float32 input, W in Q8_0 (see above). The T inputs are quantized once;
+ * tokens then go in blocks whose quantized inputs fit a core's L2 cache (about 512 KiB), and within
+ * a block each group of 4 rows (a few KiB to 60 KiB, in L1 or L2) meets every token of the block, so
+ * the weights are read from memory once per block. The last rows % 4 rows one at a time.
+ */
+export function matmul_q8_0(w: usize, x: usize, y: usize, rows: i32, cols: i32, T: i32, scratch: usize): void {
+  const nb = cols >> 5;
+  const xq = scratch;
+  const xRow = <usize>cols << 1; // bytes of one token's quantized input
+  const dxs = scratch + <usize>T * xRow;
+  quantizeInput(x, xq, dxs, cols, T);
+  const rowBytes = <usize>nb * Q8_BLOCK_BYTES;
+  const yRow = <usize>rows << 2;
+  let block = <i32>(<usize>(512 * 1024) / xRow);
+  if (block < 1) block = 1;
+  for (let t0 = 0; t0 < T; t0 += block) {
+    const t1 = min(T, t0 + block);
+    let r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      const w0 = w + <usize>r * rowBytes;
+      for (let t = t0; t < t1; t++) {
+        q8Dot4(w0, rowBytes, xq + <usize>t * xRow, dxs + ((<usize>t * <usize>nb) << 2), nb, y + <usize>t * yRow + (<usize>r << 2));
+      }
+    }
+    for (; r < rows; r++) {
+      const w0 = w + <usize>r * rowBytes;
+      for (let t = t0; t < t1; t++) {
+        store<f32>(y + <usize>t * yRow + (<usize>r << 2), q8Dot1(w0, xq + <usize>t * xRow, dxs + ((<usize>t * <usize>nb) << 2), nb));
+      }
+    }
+  }
+}
+
 /**
  * Reads `bytes` bytes from `p` (a multiple of 64) as fast as the core can, for the bandwidth bound
  * the bench compares the products with; returns a value that depends on every byte, so the reads

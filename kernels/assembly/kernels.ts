@@ -342,13 +342,12 @@ export function matmul_f32(w: usize, x: usize, y: usize, rows: i32, cols: i32, T
 //   Non-finite inputs are not meaningful here (amax = inf gives dx = inf and q = 0 or NaN -> 0).
 //
 // The product, per row r and token t, blocks b = 0 .. cols/32 - 1 in increasing order:
-//   P[j] = sum over k = 0..3 of ( wq[8k + 2j] * xq[8k + 2j] + wq[8k + 2j + 1] * xq[8k + 2j + 1] )
-//          for the four lanes j = 0..3: exact int32 (i32x4.dot_i16x8_s on int8 widened to int16;
-//          |P[j]| <= 8 * 128 * 32767 < 2^31, so the order of the integer sums does not matter).
+//   P    = sum over i = 0..31 of wq[i] * xq[i]: an exact int32 (|P| <= 32 * 128 * 32767 < 2^31; computed
+//          with i32x4.dot_i16x8_s on the int8 widened to int16, in any order, being integer)
 //   s    = float32(d_w) * dx                   (rounded to float32; d_w decoded from f16 exactly)
-//   a[j] = a[j] + s * float32(P[j])            (the int32 converted with rounding to nearest even,
-//                                               then product rounded, then sum rounded)
-//   with a[j] = 0 before block 0; finally y[t, r] = (a[0] + a[1]) + (a[2] + a[3]).
+//   acc  = acc + s * float32(P)                (P converted with rounding to nearest even, then the
+//                                               product rounded, then the sum rounded; no fma)
+//   with acc = 0 before block 0; y[t, r] = acc.
 // So each output depends only on its row and its token's input: the same bits whichever thread
 // computes the row, in a group of 4 rows or alone, and whatever T is.
 
@@ -389,69 +388,78 @@ const Q8_BLOCK_BYTES: usize = 34;
   return i32x4.trunc_sat_f32x4_s(f32x4.nearest(f32x4.div(v, d)));
 }
 
-/** The exact int32 lanes P[j] of one block: the weight block's 32 int8 at `wq`, the int16 input at `xq`. */
+/** Four int32 lanes whose sum is P of one block: the weight block's 32 int8 at `wq`, the int16 input at `xq`. */
 // @ts-ignore: decorator
 @inline function blockDot(wq: usize, xq: usize): v128 {
-  const lo = v128.load(wq);
-  const hi = v128.load(wq, 16);
-  const d0 = i32x4.dot_i16x8_s(i16x8.extend_low_i8x16_s(lo), v128.load(xq));
-  const d1 = i32x4.dot_i16x8_s(i16x8.extend_high_i8x16_s(lo), v128.load(xq, 16));
-  const d2 = i32x4.dot_i16x8_s(i16x8.extend_low_i8x16_s(hi), v128.load(xq, 32));
-  const d3 = i32x4.dot_i16x8_s(i16x8.extend_high_i8x16_s(hi), v128.load(xq, 48));
+  // v128.load8x8_s: 8 int8 loaded and widened to int16 in one instruction.
+  const d0 = i32x4.dot_i16x8_s(v128.load8x8_s(wq), v128.load(xq));
+  const d1 = i32x4.dot_i16x8_s(v128.load8x8_s(wq, 8), v128.load(xq, 16));
+  const d2 = i32x4.dot_i16x8_s(v128.load8x8_s(wq, 16), v128.load(xq, 32));
+  const d3 = i32x4.dot_i16x8_s(v128.load8x8_s(wq, 24), v128.load(xq, 48));
   return i32x4.add(i32x4.add(d0, d1), i32x4.add(d2, d3));
 }
 
-/** a + s * float32(P), lanewise, rounded twice. */
+/**
+ * The f16 scales of four blocks (u16 lanes, zero-extended) as float32, exactly: the exponent and
+ * mantissa shifted into a float32's places give value * 2^-112 for normal and subnormal f16 alike
+ * (a float32 subnormal for the latter), so one multiply by 2^112 (exact) gives the value; inf and
+ * NaN (exponent 31) are rebased to exponent 255 instead; the sign is moved to bit 31.
+ */
 // @ts-ignore: decorator
-@inline function q8Acc(a: v128, s: v128, p: v128): v128 {
-  return f32x4.add(a, f32x4.mul(s, f32x4.convert_i32x4_s(p)));
+@inline function q8Scales(h: v128): v128 {
+  const em = v128.and(h, i32x4.splat(0x7fff));
+  const shifted = i32x4.shl(em, 13);
+  const finite = f32x4.mul(shifted, f32x4.splat(5.192296858534828e33)); // 2^112
+  const special = i32x4.add(shifted, i32x4.splat(0x70000000)); // exponent 31 -> 255
+  const value = v128.bitselect(special, finite, i32x4.gt_s(em, i32x4.splat(0x7bff)));
+  return v128.or(value, i32x4.shl(v128.and(h, i32x4.splat(0x8000)), 16));
 }
 
-/** (a[0] + a[1]) + (a[2] + a[3]). */
+/** The four lanes of each of p0..p3 summed: [sum p0, sum p1, sum p2, sum p3] (exact, integer). */
 // @ts-ignore: decorator
-@inline function q8Finish(a: v128): f32 {
-  return (f32x4.extract_lane(a, 0) + f32x4.extract_lane(a, 1)) + (f32x4.extract_lane(a, 2) + f32x4.extract_lane(a, 3));
+@inline function sum4x4(p0: v128, p1: v128, p2: v128, p3: v128): v128 {
+  const a = i32x4.add(v128.shuffle<i32>(p0, p1, 0, 1, 4, 5), v128.shuffle<i32>(p0, p1, 2, 3, 6, 7));
+  const b = i32x4.add(v128.shuffle<i32>(p2, p3, 0, 1, 4, 5), v128.shuffle<i32>(p2, p3, 2, 3, 6, 7));
+  return i32x4.add(v128.shuffle<i32>(a, b, 0, 2, 4, 6), v128.shuffle<i32>(a, b, 1, 3, 5, 7));
 }
 
 /** y for one row (at `row`) and one token (quantized input at xq, scales at dxs). */
 // @ts-ignore: decorator
 @inline function q8Dot1(row: usize, xq: usize, dxs: usize, nb: i32): f32 {
-  let a = f32x4.splat(0);
+  let acc: f32 = 0;
   for (let b = 0; b < nb; b++) {
     const p = row + <usize>b * Q8_BLOCK_BYTES;
-    const s = f32x4.splat(f16ToF32(<u32>load<u16>(p)) * load<f32>(dxs + (<usize>b << 2)));
-    a = q8Acc(a, s, blockDot(p + 2, xq + (<usize>b << 6)));
+    const s = f16ToF32(<u32>load<u16>(p)) * load<f32>(dxs + (<usize>b << 2));
+    const d = blockDot(p + 2, xq + (<usize>b << 6));
+    const dot = (i32x4.extract_lane(d, 0) + i32x4.extract_lane(d, 1)) + (i32x4.extract_lane(d, 2) + i32x4.extract_lane(d, 3));
+    acc = acc + s * <f32>dot;
   }
-  return q8Finish(a);
+  return acc;
 }
 
 /**
- * Four rows (the first at w0, `rowBytes` apart) and one token: the rows' scales of a block decoded
- * together (f16ToF32Bits on four lanes), the input's loads shared. Stores y at out, out + 4, ...
+ * Four rows (the first at w0, `rowBytes` apart) and one token, lane k of the accumulator for row k:
+ * the rows' block dots reduced together (sum4x4), their scales decoded together (q8Scales), the
+ * input's loads shared. Stores y at out, out + 4, out + 8, out + 12.
  */
 // @ts-ignore: decorator
 @inline function q8Dot4(w0: usize, rowBytes: usize, xq: usize, dxs: usize, nb: i32, out: usize): void {
   const w1 = w0 + rowBytes;
   const w2 = w1 + rowBytes;
   const w3 = w2 + rowBytes;
-  let a0 = f32x4.splat(0), a1 = f32x4.splat(0), a2 = f32x4.splat(0), a3 = f32x4.splat(0);
+  let acc = f32x4.splat(0);
   for (let b = 0; b < nb; b++) {
     const off = <usize>b * Q8_BLOCK_BYTES;
     let h = i32x4.splat(<i32>load<u16>(w0 + off));
     h = i32x4.replace_lane(h, 1, <i32>load<u16>(w1 + off));
     h = i32x4.replace_lane(h, 2, <i32>load<u16>(w2 + off));
     h = i32x4.replace_lane(h, 3, <i32>load<u16>(w3 + off));
-    const s = f32x4.mul(f16ToF32Bits(h), v128.load32_splat(dxs + (<usize>b << 2)));
+    const s = f32x4.mul(q8Scales(h), v128.load32_splat(dxs + (<usize>b << 2)));
     const xb = xq + (<usize>b << 6);
-    a0 = q8Acc(a0, v128.shuffle<f32>(s, s, 0, 0, 0, 0), blockDot(w0 + off + 2, xb));
-    a1 = q8Acc(a1, v128.shuffle<f32>(s, s, 1, 1, 1, 1), blockDot(w1 + off + 2, xb));
-    a2 = q8Acc(a2, v128.shuffle<f32>(s, s, 2, 2, 2, 2), blockDot(w2 + off + 2, xb));
-    a3 = q8Acc(a3, v128.shuffle<f32>(s, s, 3, 3, 3, 3), blockDot(w3 + off + 2, xb));
+    const dot = sum4x4(blockDot(w0 + off + 2, xb), blockDot(w1 + off + 2, xb), blockDot(w2 + off + 2, xb), blockDot(w3 + off + 2, xb));
+    acc = f32x4.add(acc, f32x4.mul(s, f32x4.convert_i32x4_s(dot)));
   }
-  store<f32>(out, q8Finish(a0));
-  store<f32>(out, q8Finish(a1), 4);
-  store<f32>(out, q8Finish(a2), 8);
-  store<f32>(out, q8Finish(a3), 12);
+  v128.store(out, acc);
 }
 
 /**

@@ -10,6 +10,10 @@
  * Figures are the best of --reps runs; on a shared machine compare ratios from one run. The last
  * column also gives the prefill ratio in CPU time (all threads of the process), which a busy machine
  * distorts less than wall time: it counts the work, not the waits for a core.
+ *
+ * Then the same 4096x4096 and 14336x4096 matrix-vector products with Q8_0 weights (llama.cpp's
+ * blocks, 34 bytes per 32 weights, int16-quantized input): GB/s of Q8_0 weight bytes read, and the
+ * time of one q8_0 product over one bf16 product of the same shape on the same threads.
  */
 import * as os from 'os';
 import { ComputePool, WeightHandle } from '../kernels/pool';
@@ -25,6 +29,9 @@ const threadCounts = arg('--threads', `1,${os.cpus().length}`).split(',').map(Nu
 const reps = Number(arg('--reps', '7'));
 /** Copies of each matrix, used in turn, so no product finds its weights in a large L3 (300 MiB on some Xeons). */
 const copies = Number(arg('--copies', '4'));
+
+/** Shapes also measured with Q8_0 weights. */
+const Q8_SHAPES = ['wq 4096x4096', 'w1 14336x4096'];
 
 const SHAPES: { name: string; rows: number; cols: number }[] = [
   { name: 'wq 4096x4096', rows: 4096, cols: 4096 },
@@ -43,6 +50,24 @@ function fillRandom(pool: ComputePool, h: WeightHandle, seed: number): void {
       s ^= s << 5;
       // sign, exponent 112..126 (2^-15 .. 2^-1), 7 random mantissa bits
       u16[i] = ((s >>> 31) << 15) | ((112 + ((s >>> 8) % 15)) << 7) | (s & 0x7f);
+    }
+  }
+}
+
+/** Random Q8_0 blocks: an f16 scale in [2^-10, 2^-6) (normal), then 32 random int8. */
+function fillRandomQ8(pool: ComputePool, h: WeightHandle, seed: number): void {
+  let s = seed >>> 0 || 1;
+  for (const t of pool.targets(h)) {
+    for (let i = 0; i < t.bytes.length; i++) {
+      s ^= s << 13;
+      s ^= s >>> 17;
+      s ^= s << 5;
+      t.bytes[i] = s & 0xff;
+    }
+    for (let at = 0; at < t.bytes.length; at += 34) {
+      const d = ((5 + (t.bytes[at] & 3)) << 10) | ((t.bytes[at + 1] & 3) << 8) | t.bytes[at];
+      t.bytes[at] = d & 0xff;
+      t.bytes[at + 1] = d >> 8;
     }
   }
 }
@@ -70,6 +95,16 @@ async function main(): Promise<void> {
         const h = (): WeightHandle => hs[next++ % copies];
         tasks.push({ key: `${pool.threads}|${s.name}|matvec`, bytes, run: () => void pool.matmul(h(), x1, 1), best: Infinity, bestCpu: Infinity });
         tasks.push({ key: `${pool.threads}|${s.name}|prefill`, bytes, run: () => void pool.matmul(h(), x64, 64), best: Infinity, bestCpu: Infinity });
+        if (Q8_SHAPES.includes(s.name)) {
+          const qs = Array.from({ length: copies }, (_, k) => {
+            const q = pool.addWeight(`${s.name} q8_0 #${k}`, s.rows, s.cols, 'q8_0');
+            fillRandomQ8(pool, q, 1000 + i * copies + k);
+            return q;
+          });
+          let nextQ = 0;
+          tasks.push({ key: `${pool.threads}|${s.name}|q8_0`, bytes: qs[0].rows * qs[0].rowBytes,
+            run: () => void pool.matmul(qs[nextQ++ % copies], x1, 1), best: Infinity, bestCpu: Infinity });
+        }
       });
       const hs = all;
       const scanned = hs.reduce((n, h) => n + h.rows * h.rowBytes, 0);
@@ -119,6 +154,19 @@ async function main(): Promise<void> {
     for (const threads of threadCounts) {
       console.log(`matvec on ${threads} thread(s) / read bound on ${all}: ${(matvecRate.get(threads)! / bound).toFixed(3)}`);
     }
+    const qHead = ['threads', 'matrix', 'q8_0 matvec GB/s', 'q8_0 ms', 'bf16 ms', 'q8_0 / bf16 time', 'same in CPU time'];
+    const qRows: string[][] = [];
+    for (const threads of threadCounts) {
+      for (const name of Q8_SHAPES) {
+        const q = get(`${threads}|${name}|q8_0`);
+        const v = get(`${threads}|${name}|matvec`);
+        qRows.push([`${threads}`, name, (q.bytes / q.best / GB).toFixed(2), (q.best * 1e3).toFixed(2), (v.best * 1e3).toFixed(2),
+          (q.best / v.best).toFixed(3), (q.bestCpu / v.bestCpu).toFixed(3)]);
+      }
+    }
+    const qWidths = qHead.map((h, i) => Math.max(h.length, ...qRows.map((r) => r[i].length)));
+    console.log(qHead.map((c, i) => c.padStart(qWidths[i])).join('  '));
+    for (const r of qRows) console.log(r.map((c, i) => c.padStart(qWidths[i])).join('  '));
     if (threadCounts.length > 1) {
       console.log(`matvec speed-up ${threadCounts[0]} -> ${all} threads: ${(matvecRate.get(all)! / matvecRate.get(threadCounts[0])!).toFixed(2)}x`);
     }

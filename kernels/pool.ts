@@ -42,12 +42,17 @@ const WebAssembly = (globalThis as unknown as { WebAssembly: WasmApi }).WebAssem
 interface Protocol {
   SEQ: number; PENDING: number; FAULT: number; OP: number; KILL: number; MSG_LEN: number;
   OP_RUN: number; OP_TAKE_MEMORIES: number; OP_STOP: number;
-  KIND_BF16: number; KIND_F16: number; KIND_F32: number; KIND_SCAN: number;
+  KIND_BF16: number; KIND_F16: number; KIND_F32: number; KIND_SCAN: number; KIND_Q8_0: number;
   JOBS: number; MAX_JOBS: number; FIELDS: number; STRIDE: number; MSG_BYTES: number;
   words(threads: number): number;
 }
 
-export type WeightDtype = 'bf16' | 'f16' | 'f32';
+/**
+ * How a weight is stored: bf16, f16 or f32 elements, or 'q8_0', llama.cpp's Q8_0 blocks (per 32
+ * columns an f16 scale d then 32 int8 q, 34 bytes; cols a multiple of 32), multiplied with the
+ * input quantized to int16 per block of 32 (see matmul_q8_0 in kernels/assembly/kernels.ts).
+ */
+export type WeightDtype = 'bf16' | 'f16' | 'f32' | 'q8_0';
 
 /** A weight in the pool: its rows are spread over the threads. */
 export interface WeightHandle {
@@ -56,7 +61,7 @@ export interface WeightHandle {
   readonly rows: number;
   readonly cols: number;
   readonly dtype: WeightDtype;
-  /** Bytes of one row as stored (cols * 2 for bf16 and f16, cols * 4 for f32). */
+  /** Bytes of one row as stored (cols * 2 for bf16 and f16, cols * 4 for f32, cols / 32 * 34 for q8_0). */
   readonly rowBytes: number;
 }
 
@@ -86,6 +91,7 @@ interface Kernels {
   matmul_bf16(w: number, x: number, y: number, rows: number, cols: number, T: number, scratch: number): void;
   matmul_f16(w: number, x: number, y: number, rows: number, cols: number, T: number, scratch: number): void;
   matmul_f32(w: number, x: number, y: number, rows: number, cols: number, T: number, scratch: number): void;
+  matmul_q8_0(w: number, x: number, y: number, rows: number, cols: number, T: number, scratch: number): void;
   scan(p: number, bytes: number): number;
 }
 
@@ -116,10 +122,12 @@ const RESERVED = PAGE; // the first page is left to the module (it has no data, 
 const ALIGN = 64;
 const IO_LIMIT = 64 * 1024 * 1024; // inputs + outputs per memory per dispatch; longer T goes in chunks
 const DEFAULT_MEMORY_LIMIT = 4 * 1024 ** 3 - 128 * 1024 ** 2;
-const DTYPES: Record<WeightDtype, { kind: number; size: number }> = {
-  bf16: { kind: P.KIND_BF16, size: 2 },
-  f16: { kind: P.KIND_F16, size: 2 },
-  f32: { kind: P.KIND_F32, size: 4 },
+/** Each dtype's job kind and stored bytes per `block` columns (q8_0: 34 bytes per block of 32). */
+const DTYPES: Record<WeightDtype, { kind: number; block: number; blockBytes: number }> = {
+  bf16: { kind: P.KIND_BF16, block: 1, blockBytes: 2 },
+  f16: { kind: P.KIND_F16, block: 1, blockBytes: 2 },
+  f32: { kind: P.KIND_F32, block: 1, blockBytes: 4 },
+  q8_0: { kind: P.KIND_Q8_0, block: 32, blockBytes: 34 },
 };
 
 const align = (n: number): number => Math.ceil(n / ALIGN) * ALIGN;
@@ -230,8 +238,14 @@ export class ComputePool {
     if (!(Number.isInteger(rows) && rows >= 1 && Number.isInteger(cols) && cols >= 1)) {
       throw new Error(`compute pool: weight ${name}: rows and cols must be positive integers, got [${rows}, ${cols}]`);
     }
-    if (!(dtype in DTYPES)) throw new Error(`compute pool: weight ${name}: dtype must be bf16, f16 or f32, got ${String(dtype)}`);
-    const rowBytes = cols * DTYPES[dtype].size;
+    if (!Object.prototype.hasOwnProperty.call(DTYPES, dtype)) {
+      throw new Error(`compute pool: weight ${name}: dtype must be bf16, f16, f32 or q8_0, got ${String(dtype)}`);
+    }
+    const { block, blockBytes } = DTYPES[dtype];
+    if (cols % block !== 0) {
+      throw new Error(`compute pool: weight ${name}: ${dtype} needs cols to be a multiple of ${block}, got ${cols}`);
+    }
+    const rowBytes = (cols / block) * blockBytes;
     const shards: Shard[] = [];
     for (let thread = 0; thread < this.threads; thread++) {
       const rowStart = this.boundary(rows, thread);
@@ -558,6 +572,7 @@ export class ComputePool {
         if (job.kind === P.KIND_BF16) k.matmul_bf16(job.w, job.x, job.y, job.rows, job.cols, job.T, job.scratch);
         else if (job.kind === P.KIND_F16) k.matmul_f16(job.w, job.x, job.y, job.rows, job.cols, job.T, job.scratch);
         else if (job.kind === P.KIND_F32) k.matmul_f32(job.w, job.x, job.y, job.rows, job.cols, job.T, job.scratch);
+        else if (job.kind === P.KIND_Q8_0) k.matmul_q8_0(job.w, job.x, job.y, job.rows, job.cols, job.T, job.scratch);
         else k.scan(job.w, job.rows);
       }
     } catch (err) {

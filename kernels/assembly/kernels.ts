@@ -323,6 +323,179 @@ export function matmul_f32(w: usize, x: usize, y: usize, rows: i32, cols: i32, T
   matmul(F32, w, x, y, rows, cols, T, scratch);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Q8_0 weights (llama.cpp's layout) with int16-quantized activations.
+//
+// Layouts
+//   W  [rows, cols], cols a multiple of 32: each row is cols / 32 blocks of 34 bytes, llama.cpp's
+//      block_q8_0: d (f16 scale, little-endian) then 32 int8 q; W[r, 32b + i] = d * q[i].
+//      Row r at w + r * (cols / 32) * 34; blocks are not 4-byte aligned (unaligned loads).
+//   x  [T, cols] float32 as above; y [T, rows] float32 as above.
+//   scratch  the quantized input: T * cols int16 (token t's at scratch + t * cols * 2), then T *
+//            (cols / 32) float32 scales; T * cols * 3 bytes at most (the pool gives (T + 2) * cols * 4).
+//
+// Activation quantization, per token and block of 32 values x[0..31] (float32 arithmetic):
+//   amax = max |x[i]|;  dx = amax / 32767 (one rounded division);
+//   if dx == 0: every xq[i] = 0 (and dx = 0), else xq[i] = nearest(x[i] / dx) as int16, the division
+//   rounded to float32 and then rounded to an integer, ties to even (|x[i] / dx| <= 32767.002, so
+//   the result is within int16; a saturating conversion guards the bound anyway).
+//   Non-finite inputs are not meaningful here (amax = inf gives dx = inf and q = 0 or NaN -> 0).
+//
+// The product, per row r and token t, blocks b = 0 .. cols/32 - 1 in increasing order:
+//   P    = sum over i = 0..31 of wq[i] * xq[i]: an exact int32 (|P| <= 32 * 128 * 32767 < 2^31; computed
+//          with i32x4.dot_i16x8_s on the int8 widened to int16, in any order, being integer)
+//   s    = float32(d_w) * dx                   (rounded to float32; d_w decoded from f16 exactly)
+//   acc  = acc + s * float32(P)                (P converted with rounding to nearest even, then the
+//                                               product rounded, then the sum rounded; no fma)
+//   with acc = 0 before block 0; y[t, r] = acc.
+// So each output depends only on its row and its token's input: the same bits whichever thread
+// computes the row, in a group of 4 rows or alone, and whatever T is.
+
+const Q8_BLOCK_BYTES: usize = 34;
+
+/** Quantizes x [T, cols] (cols a multiple of 32) into xq (int16) and its per-block scales dxs, as stated above. */
+// @ts-ignore: decorator
+@inline function quantizeInput(x: usize, xq: usize, dxs: usize, cols: i32, T: i32): void {
+  const n = <usize>T * <usize>cols; // values
+  for (let i: usize = 0; i < n; i += 32) {
+    const p = x + (i << 2);
+    const v0 = v128.load(p), v1 = v128.load(p, 16), v2 = v128.load(p, 32), v3 = v128.load(p, 48);
+    const v4 = v128.load(p, 64), v5 = v128.load(p, 80), v6 = v128.load(p, 96), v7 = v128.load(p, 112);
+    const m = f32x4.max(
+      f32x4.max(f32x4.max(f32x4.abs(v0), f32x4.abs(v1)), f32x4.max(f32x4.abs(v2), f32x4.abs(v3))),
+      f32x4.max(f32x4.max(f32x4.abs(v4), f32x4.abs(v5)), f32x4.max(f32x4.abs(v6), f32x4.abs(v7))),
+    );
+    const amax = max(max(f32x4.extract_lane(m, 0), f32x4.extract_lane(m, 1)), max(f32x4.extract_lane(m, 2), f32x4.extract_lane(m, 3)));
+    const dx: f32 = amax / <f32>32767;
+    const q = xq + (i << 1);
+    store<f32>(dxs + ((i >> 5) << 2), dx);
+    if (dx == 0) {
+      const z = i32x4.splat(0);
+      v128.store(q, z); v128.store(q, z, 16); v128.store(q, z, 32); v128.store(q, z, 48);
+      continue;
+    }
+    const d = f32x4.splat(dx);
+    v128.store(q, i16x8.narrow_i32x4_s(toInt(v0, d), toInt(v1, d)));
+    v128.store(q, i16x8.narrow_i32x4_s(toInt(v2, d), toInt(v3, d)), 16);
+    v128.store(q, i16x8.narrow_i32x4_s(toInt(v4, d), toInt(v5, d)), 32);
+    v128.store(q, i16x8.narrow_i32x4_s(toInt(v6, d), toInt(v7, d)), 48);
+  }
+}
+
+/** nearest(v / d) as int32 lanes (ties to even; NaN -> 0, out of range saturated). */
+// @ts-ignore: decorator
+@inline function toInt(v: v128, d: v128): v128 {
+  return i32x4.trunc_sat_f32x4_s(f32x4.nearest(f32x4.div(v, d)));
+}
+
+/** Four int32 lanes whose sum is P of one block: the weight block's 32 int8 at `wq`, the int16 input at `xq`. */
+// @ts-ignore: decorator
+@inline function blockDot(wq: usize, xq: usize): v128 {
+  // v128.load8x8_s: 8 int8 loaded and widened to int16 in one instruction.
+  const d0 = i32x4.dot_i16x8_s(v128.load8x8_s(wq), v128.load(xq));
+  const d1 = i32x4.dot_i16x8_s(v128.load8x8_s(wq, 8), v128.load(xq, 16));
+  const d2 = i32x4.dot_i16x8_s(v128.load8x8_s(wq, 16), v128.load(xq, 32));
+  const d3 = i32x4.dot_i16x8_s(v128.load8x8_s(wq, 24), v128.load(xq, 48));
+  return i32x4.add(i32x4.add(d0, d1), i32x4.add(d2, d3));
+}
+
+/**
+ * The f16 scales of four blocks (u16 lanes, zero-extended) as float32, exactly: the exponent and
+ * mantissa shifted into a float32's places give value * 2^-112 for normal and subnormal f16 alike
+ * (a float32 subnormal for the latter), so one multiply by 2^112 (exact) gives the value; inf and
+ * NaN (exponent 31) are rebased to exponent 255 instead; the sign is moved to bit 31.
+ */
+// @ts-ignore: decorator
+@inline function q8Scales(h: v128): v128 {
+  const em = v128.and(h, i32x4.splat(0x7fff));
+  const shifted = i32x4.shl(em, 13);
+  const finite = f32x4.mul(shifted, f32x4.splat(5.192296858534828e33)); // 2^112
+  const special = i32x4.add(shifted, i32x4.splat(0x70000000)); // exponent 31 -> 255
+  const value = v128.bitselect(special, finite, i32x4.gt_s(em, i32x4.splat(0x7bff)));
+  return v128.or(value, i32x4.shl(v128.and(h, i32x4.splat(0x8000)), 16));
+}
+
+/** The four lanes of each of p0..p3 summed: [sum p0, sum p1, sum p2, sum p3] (exact, integer). */
+// @ts-ignore: decorator
+@inline function sum4x4(p0: v128, p1: v128, p2: v128, p3: v128): v128 {
+  const a = i32x4.add(v128.shuffle<i32>(p0, p1, 0, 1, 4, 5), v128.shuffle<i32>(p0, p1, 2, 3, 6, 7));
+  const b = i32x4.add(v128.shuffle<i32>(p2, p3, 0, 1, 4, 5), v128.shuffle<i32>(p2, p3, 2, 3, 6, 7));
+  return i32x4.add(v128.shuffle<i32>(a, b, 0, 2, 4, 6), v128.shuffle<i32>(a, b, 1, 3, 5, 7));
+}
+
+/** y for one row (at `row`) and one token (quantized input at xq, scales at dxs). */
+// @ts-ignore: decorator
+@inline function q8Dot1(row: usize, xq: usize, dxs: usize, nb: i32): f32 {
+  let acc: f32 = 0;
+  for (let b = 0; b < nb; b++) {
+    const p = row + <usize>b * Q8_BLOCK_BYTES;
+    const s = f16ToF32(<u32>load<u16>(p)) * load<f32>(dxs + (<usize>b << 2));
+    const d = blockDot(p + 2, xq + (<usize>b << 6));
+    const dot = (i32x4.extract_lane(d, 0) + i32x4.extract_lane(d, 1)) + (i32x4.extract_lane(d, 2) + i32x4.extract_lane(d, 3));
+    acc = acc + s * <f32>dot;
+  }
+  return acc;
+}
+
+/**
+ * Four rows (the first at w0, `rowBytes` apart) and one token, lane k of the accumulator for row k:
+ * the rows' block dots reduced together (sum4x4), their scales decoded together (q8Scales), the
+ * input's loads shared. Stores y at out, out + 4, out + 8, out + 12.
+ */
+// @ts-ignore: decorator
+@inline function q8Dot4(w0: usize, rowBytes: usize, xq: usize, dxs: usize, nb: i32, out: usize): void {
+  const w1 = w0 + rowBytes;
+  const w2 = w1 + rowBytes;
+  const w3 = w2 + rowBytes;
+  let acc = f32x4.splat(0);
+  for (let b = 0; b < nb; b++) {
+    const off = <usize>b * Q8_BLOCK_BYTES;
+    let h = i32x4.splat(<i32>load<u16>(w0 + off));
+    h = i32x4.replace_lane(h, 1, <i32>load<u16>(w1 + off));
+    h = i32x4.replace_lane(h, 2, <i32>load<u16>(w2 + off));
+    h = i32x4.replace_lane(h, 3, <i32>load<u16>(w3 + off));
+    const s = f32x4.mul(q8Scales(h), v128.load32_splat(dxs + (<usize>b << 2)));
+    const xb = xq + (<usize>b << 6);
+    const dot = sum4x4(blockDot(w0 + off + 2, xb), blockDot(w1 + off + 2, xb), blockDot(w2 + off + 2, xb), blockDot(w3 + off + 2, xb));
+    acc = f32x4.add(acc, f32x4.mul(s, f32x4.convert_i32x4_s(dot)));
+  }
+  v128.store(out, acc);
+}
+
+/**
+ * y = W x for T tokens of float32 input, W in Q8_0 (see above). The T inputs are quantized once;
+ * tokens then go in blocks whose quantized inputs fit a core's L2 cache (about 512 KiB), and within
+ * a block each group of 4 rows (a few KiB to 60 KiB, in L1 or L2) meets every token of the block, so
+ * the weights are read from memory once per block. The last rows % 4 rows one at a time.
+ */
+export function matmul_q8_0(w: usize, x: usize, y: usize, rows: i32, cols: i32, T: i32, scratch: usize): void {
+  const nb = cols >> 5;
+  const xq = scratch;
+  const xRow = <usize>cols << 1; // bytes of one token's quantized input
+  const dxs = scratch + <usize>T * xRow;
+  quantizeInput(x, xq, dxs, cols, T);
+  const rowBytes = <usize>nb * Q8_BLOCK_BYTES;
+  const yRow = <usize>rows << 2;
+  let block = <i32>(<usize>(512 * 1024) / xRow);
+  if (block < 1) block = 1;
+  for (let t0 = 0; t0 < T; t0 += block) {
+    const t1 = min(T, t0 + block);
+    let r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      const w0 = w + <usize>r * rowBytes;
+      for (let t = t0; t < t1; t++) {
+        q8Dot4(w0, rowBytes, xq + <usize>t * xRow, dxs + ((<usize>t * <usize>nb) << 2), nb, y + <usize>t * yRow + (<usize>r << 2));
+      }
+    }
+    for (; r < rows; r++) {
+      const w0 = w + <usize>r * rowBytes;
+      for (let t = t0; t < t1; t++) {
+        store<f32>(y + <usize>t * yRow + (<usize>r << 2), q8Dot1(w0, xq + <usize>t * xRow, dxs + ((<usize>t * <usize>nb) << 2), nb));
+      }
+    }
+  }
+}
+
 /**
  * Reads `bytes` bytes from `p` (a multiple of 64) as fast as the core can, for the bandwidth bound
  * the bench compares the products with; returns a value that depends on every byte, so the reads

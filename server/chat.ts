@@ -9,7 +9,7 @@ import type { SentencePieceProcessor } from '../tokenizer';
 import { encodeInstruct, type ChatMessage } from '../tokenizer/instruct';
 import { TokenizerError } from '../tokenizer/error';
 import { badField } from './errors';
-import { checkCommon, checkLength, clientGone, EventStream, finishReason, generationOptions, newId, now, streamError, usageOf, type RouteContext } from './common';
+import { answerInTurn, checkCommon, checkLength, clientGone, finishReason, generationOptions, newId, now, usageOf, type RouteContext } from './common';
 import { runGeneration, type GeneratedToken, type TokenRun } from './run_generation';
 import { CHAT_SCHEMA, type ChatBody } from './schemas';
 import type { ServedModel } from './model_host';
@@ -52,70 +52,63 @@ export function registerChat(app: FastifyInstance, ctx: RouteContext): void {
     const signal = clientGone(reply);
     const header = { id: newId('chatcmpl'), object: 'chat.completion', created: now(), model: ctx.modelName, system_fingerprint: null };
 
-    let stream: EventStream | undefined; // once the answer is streamed, errors end the stream
-    try {
-      return await ctx.host.turn(signal, async (model) => {
-        // Tokenized only now that its turn has come (and not at all if its client left while it waited).
-        const promptIds = chatPromptIds(model.sp, body.messages);
-        const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? Math.max(0, MAX_POSITIONS - promptIds.length);
-        checkLength(promptIds.length, maxTokens, 'messages');
-        // The answer is decoded on its own, as chat.ts does (mistral-common encodes an assistant message
-        // alone): its first piece's dummy-prefix space is not part of the text.
-        const gen = { ...generationOptions(body), maxTokens, topLogprobs, signal, context: [] };
-        const shown = (tokens: readonly GeneratedToken[]) => tokens.filter((t) => t.id !== model.sp.eosId).map((t) => chatLogprob(model, t));
+    return answerInTurn(ctx, signal, reply, async (model, openStream) => {
+      // Tokenized only now that its turn has come (and not at all if its client left while it waited).
+      const promptIds = chatPromptIds(model.sp, body.messages);
+      const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? Math.max(0, MAX_POSITIONS - promptIds.length);
+      checkLength(promptIds.length, maxTokens, 'messages');
+      // The answer is decoded on its own, as chat.ts does (mistral-common encodes an assistant message
+      // alone): its first piece's dummy-prefix space is not part of the text.
+      const gen = { ...generationOptions(body), maxTokens, topLogprobs, signal, context: [] };
+      const shown = (tokens: readonly GeneratedToken[]) => tokens.filter((t) => t.id !== model.sp.eosId).map((t) => chatLogprob(model, t));
 
-        if (!body.stream) {
-          const run = await runGeneration(model.transformer, model.sp, promptIds, gen);
-          ctx.host.recordUsage(request, usageOf([run]));
-          return {
-            ...header,
-            choices: [
-              {
-                index: 0,
-                message: { role: 'assistant', content: run.completion.text, refusal: null },
-                logprobs: wantLogprobs ? { content: shown(run.tokens), refusal: null } : null,
-                finish_reason: finishReason(run.completion.finishReason),
-              },
-            ],
-            usage: usageOf([run]),
-          };
-        }
-
-        const events = (stream = new EventStream(reply));
-        const includeUsage = body.stream_options?.include_usage === true;
-        const chunk = (choice: Record<string, unknown>) => ({
+      if (!body.stream) {
+        const run = await runGeneration(model.transformer, model.sp, promptIds, gen);
+        ctx.host.recordUsage(request, usageOf([run]));
+        return {
           ...header,
-          object: 'chat.completion.chunk',
-          choices: [{ index: 0, logprobs: null, finish_reason: null, ...choice }],
-          ...(includeUsage ? { usage: null } : {}),
-        });
-        const runs: TokenRun[] = [];
-        try {
-          events.send(chunk({ delta: { role: 'assistant', content: '' } }));
-          let trailing = '';
-          const onToken = (t: GeneratedToken): void => {
-            if (t.id === model.sp.eosId) {
-              trailing += t.text;
-              return;
-            }
-            events.send(chunk({ delta: { content: t.text }, logprobs: wantLogprobs ? { content: [chatLogprob(model, t)], refusal: null } : null }));
-          };
-          const run = await runGeneration(model.transformer, model.sp, promptIds, { ...gen, onToken });
-          runs.push(run);
-          if (events.closed) return undefined;
-          const rest = trailing + run.trailingText;
-          events.send(chunk({ delta: rest === '' ? {} : { content: rest }, finish_reason: finishReason(run.completion.finishReason) }));
-          if (includeUsage) events.send({ ...header, object: 'chat.completion.chunk', choices: [], usage: usageOf(runs) });
-          events.end();
-        } finally {
-          ctx.host.recordUsage(request, usageOf(runs));
-        }
-        return undefined;
+          choices: [
+            {
+              index: 0,
+              message: { role: 'assistant', content: run.completion.text, refusal: null },
+              logprobs: wantLogprobs ? { content: shown(run.tokens), refusal: null } : null,
+              finish_reason: finishReason(run.completion.finishReason),
+            },
+          ],
+          usage: usageOf([run]),
+        };
+      }
+
+      const events = openStream();
+      const includeUsage = body.stream_options?.include_usage === true;
+      const chunk = (choice: Record<string, unknown>) => ({
+        ...header,
+        object: 'chat.completion.chunk',
+        choices: [{ index: 0, logprobs: null, finish_reason: null, ...choice }],
+        ...(includeUsage ? { usage: null } : {}),
       });
-    } catch (err) {
-      if (stream === undefined) throw err;
-      stream.end(streamError(err)); // in OpenAI's shape, which its clients raise
+      const runs: TokenRun[] = [];
+      try {
+        events.send(chunk({ delta: { role: 'assistant', content: '' } }));
+        let trailing = '';
+        const onToken = (t: GeneratedToken): void => {
+          if (t.id === model.sp.eosId) {
+            trailing += t.text;
+            return;
+          }
+          events.send(chunk({ delta: { content: t.text }, logprobs: wantLogprobs ? { content: [chatLogprob(model, t)], refusal: null } : null }));
+        };
+        const run = await runGeneration(model.transformer, model.sp, promptIds, { ...gen, onToken });
+        runs.push(run);
+        if (events.closed) return undefined;
+        const rest = trailing + run.trailingText;
+        events.send(chunk({ delta: rest === '' ? {} : { content: rest }, finish_reason: finishReason(run.completion.finishReason) }));
+        if (includeUsage) events.send({ ...header, object: 'chat.completion.chunk', choices: [], usage: usageOf(runs) });
+        events.end();
+      } finally {
+        ctx.host.recordUsage(request, usageOf(runs));
+      }
       return undefined;
-    }
+    });
   });
 }

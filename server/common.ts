@@ -7,7 +7,7 @@ import type { FastifyReply } from 'fastify';
 import { MAX_POSITIONS } from '../one_file_ref';
 import type { FinishReason } from '../generation/generate';
 import { ApiError, badField } from './errors';
-import type { ModelHost } from './model_host';
+import type { ModelHost, ServedModel } from './model_host';
 import type { TokenGenerateOptions, TokenRun, Usage } from './run_generation';
 import type { CommonBody } from './schemas';
 
@@ -119,4 +119,25 @@ export class EventStream {
 /** An error thrown while a stream was open, as the event that ends it. */
 export function streamError(err: unknown): ApiError {
   return err instanceof ApiError ? err : new ApiError(500, `generation failed: ${(err as Error).message.split('\n')[0]}`);
+}
+
+/**
+ * A request's turn on the model: `answer` returns the whole response, or calls `openStream()` and
+ * streams it. Until the stream is open an error becomes the usual JSON error response; once it is,
+ * the error ends the stream in OpenAI's shape (which its clients raise) and nothing is returned.
+ */
+export async function answerInTurn<T>(
+  ctx: RouteContext,
+  signal: AbortSignal,
+  reply: FastifyReply,
+  answer: (model: ServedModel, openStream: () => EventStream) => Promise<T>,
+): Promise<T | undefined> {
+  let stream: EventStream | undefined;
+  try {
+    return await ctx.host.turn(signal, (model) => answer(model, () => (stream = new EventStream(reply))));
+  } catch (err) {
+    if (stream === undefined) throw err;
+    stream.end(streamError(err));
+    return undefined;
+  }
 }

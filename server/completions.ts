@@ -5,7 +5,7 @@
 import type { FastifyInstance } from 'fastify';
 import type { SentencePieceProcessor } from '../tokenizer';
 import { badField } from './errors';
-import { checkCommon, checkLength, clientGone, EventStream, finishReason, generationOptions, newId, now, streamError, usageOf, type RouteContext } from './common';
+import { answerInTurn, checkCommon, checkLength, clientGone, finishReason, generationOptions, newId, now, usageOf, type RouteContext } from './common';
 import { runGeneration, type GeneratedToken, type TokenRun } from './run_generation';
 import { COMPLETION_SCHEMA, type CompletionBody } from './schemas';
 import type { ServedModel } from './model_host';
@@ -71,66 +71,59 @@ export function registerCompletions(app: FastifyInstance, ctx: RouteContext): vo
     const gen = { ...generationOptions(body), maxTokens, topLogprobs, signal };
     const header = { id: newId('cmpl'), object: 'text_completion', created: now(), model: ctx.modelName };
 
-    let stream: EventStream | undefined; // once the answer is streamed, errors end the stream
-    try {
-      return await ctx.host.turn(signal, async (model) => {
-        // Tokenized only now that its turn has come (and not at all if its client left while it waited).
-        const prompts = completionPrompts(model.sp, body.prompt);
-        for (const p of prompts) checkLength(p.ids.length, maxTokens, 'prompt');
+    return answerInTurn(ctx, signal, reply, async (model, openStream) => {
+      // Tokenized only now that its turn has come (and not at all if its client left while it waited).
+      const prompts = completionPrompts(model.sp, body.prompt);
+      for (const p of prompts) checkLength(p.ids.length, maxTokens, 'prompt');
 
-        if (!body.stream) {
-          const runs: TokenRun[] = [];
-          for (const p of prompts) {
-            if (signal.aborted) break; // its client left: the other prompts are not run
-            runs.push(await runGeneration(model.transformer, model.sp, p.ids, gen));
-          }
-          ctx.host.recordUsage(request, usageOf(runs));
-          return {
-            ...header,
-            choices: runs.map((run, index) => ({
-              index,
-              text: run.completion.text,
-              logprobs: topLogprobs === undefined ? null : completionLogprobs(model, run.tokens, prompts[index].text.length),
-              finish_reason: finishReason(run.completion.finishReason),
-            })),
-            usage: usageOf(runs),
-          };
-        }
-
-        const events = (stream = new EventStream(reply));
-        const includeUsage = body.stream_options?.include_usage === true;
-        const chunk = (choices: unknown[]) => ({ ...header, choices, ...(includeUsage ? { usage: null } : {}) });
+      if (!body.stream) {
         const runs: TokenRun[] = [];
-        try {
-          for (const [index, p] of prompts.entries()) {
-            if (events.closed || signal.aborted) return undefined;
-            let offset = p.text.length;
-            let trailing = '';
-            const onToken = (t: GeneratedToken): void => {
-              if (t.id === model.sp.eosId) {
-                trailing += t.text;
-                return;
-              }
-              const logprobs = topLogprobs === undefined ? null : completionLogprobs(model, [t], offset);
-              offset += t.text.length;
-              events.send(chunk([{ index, text: t.text, logprobs, finish_reason: null }]));
-            };
-            const run = await runGeneration(model.transformer, model.sp, p.ids, { ...gen, onToken });
-            runs.push(run);
-            if (events.closed) return undefined;
-            events.send(chunk([{ index, text: trailing + run.trailingText, logprobs: null, finish_reason: finishReason(run.completion.finishReason) }]));
-          }
-          if (includeUsage) events.send({ ...header, choices: [], usage: usageOf(runs) });
-          events.end();
-        } finally {
-          ctx.host.recordUsage(request, usageOf(runs));
+        for (const p of prompts) {
+          if (signal.aborted) break; // its client left: the other prompts are not run
+          runs.push(await runGeneration(model.transformer, model.sp, p.ids, gen));
         }
-        return undefined;
-      });
-    } catch (err) {
-      if (stream === undefined) throw err;
-      stream.end(streamError(err)); // in OpenAI's shape, which its clients raise
+        ctx.host.recordUsage(request, usageOf(runs));
+        return {
+          ...header,
+          choices: runs.map((run, index) => ({
+            index,
+            text: run.completion.text,
+            logprobs: topLogprobs === undefined ? null : completionLogprobs(model, run.tokens, prompts[index].text.length),
+            finish_reason: finishReason(run.completion.finishReason),
+          })),
+          usage: usageOf(runs),
+        };
+      }
+
+      const events = openStream();
+      const includeUsage = body.stream_options?.include_usage === true;
+      const chunk = (choices: unknown[]) => ({ ...header, choices, ...(includeUsage ? { usage: null } : {}) });
+      const runs: TokenRun[] = [];
+      try {
+        for (const [index, p] of prompts.entries()) {
+          if (events.closed || signal.aborted) return undefined;
+          let offset = p.text.length;
+          let trailing = '';
+          const onToken = (t: GeneratedToken): void => {
+            if (t.id === model.sp.eosId) {
+              trailing += t.text;
+              return;
+            }
+            const logprobs = topLogprobs === undefined ? null : completionLogprobs(model, [t], offset);
+            offset += t.text.length;
+            events.send(chunk([{ index, text: t.text, logprobs, finish_reason: null }]));
+          };
+          const run = await runGeneration(model.transformer, model.sp, p.ids, { ...gen, onToken });
+          runs.push(run);
+          if (events.closed) return undefined;
+          events.send(chunk([{ index, text: trailing + run.trailingText, logprobs: null, finish_reason: finishReason(run.completion.finishReason) }]));
+        }
+        if (includeUsage) events.send({ ...header, choices: [], usage: usageOf(runs) });
+        events.end();
+      } finally {
+        ctx.host.recordUsage(request, usageOf(runs));
+      }
       return undefined;
-    }
+    });
   });
 }

@@ -20,8 +20,8 @@ import { openModel } from '../checkpoint';
 import { dequantizeQ8_0, GgufType, openGguf, type GgufEntry } from '../checkpoint/gguf';
 import { floatToBfloat16, floatToHalf, quantizeQ8_0, writeGguf } from '../checkpoint/gguf_write';
 import { writeNpy } from '../checkpoint/npy';
-import { run } from '../cli/main';
 import { loadModel } from '../one_file_ref';
+import { runCommand } from './run_command';
 
 const ROOT = path.resolve(__dirname, '..');
 const TINY = path.join(ROOT, 'fixtures', 'tiny');
@@ -29,27 +29,6 @@ const TINY_HF_BIN = path.join(ROOT, 'fixtures', 'formats', 'tiny-hf-bin');
 const PYTHON = '/usr/bin/python3';
 
 let dir: string;
-
-/** Runs a command in this process, its stdout and stderr captured. */
-export async function runCommand(argv: string[]): Promise<{ stdout: string; stderr: string }> {
-  const out: string[] = [];
-  const err: string[] = [];
-  const write = (sink: string[]) => (chunk: string | Uint8Array): boolean => {
-    sink.push(typeof chunk === 'string' ? chunk : Buffer.from(chunk).toString());
-    return true;
-  };
-  const stdout = process.stdout.write;
-  const stderr = process.stderr.write;
-  process.stdout.write = write(out) as typeof process.stdout.write;
-  process.stderr.write = write(err) as typeof process.stderr.write;
-  try {
-    await run(argv);
-  } finally {
-    process.stdout.write = stdout;
-    process.stderr.write = stderr;
-  }
-  return { stdout: out.join(''), stderr: err.join('') };
-}
 
 /** Logits [T, V] of `ids` from the model at `modelPath`. */
 async function logitsOf(modelPath: string, ids: number[]): Promise<Float32Array> {

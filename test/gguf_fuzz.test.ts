@@ -15,22 +15,11 @@ import { openGguf } from '../checkpoint/gguf';
 import { llamaMetadata, quantizeQ8_0, writeGguf, type GgufTensorToWrite } from '../checkpoint/gguf_write';
 import { ggufVocabFromSentencePiece, sentencePieceFromGguf } from '../tokenizer/from_gguf';
 import { TokenizerError } from '../tokenizer';
+import { rng } from './fuzz/rng';
 
 const ROOT = path.resolve(__dirname, '..');
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'gguf-fuzz-'));
 afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
-
-/** mulberry32: a small seeded generator. */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 function goodFile(): Buffer {
   const params = { dim: 32, n_layers: 1, head_dim: 8, hidden_dim: 64, n_heads: 4, n_kv_heads: 2, sliding_window: 8, norm_eps: 1e-5, vocab_size: 512, rope_theta: 10000 };

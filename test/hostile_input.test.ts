@@ -6,10 +6,9 @@
  * by what they claim, before anything that size is allocated.
  */
 import * as fs from 'fs';
-import * as os from 'os';
 import * as path from 'path';
 import { pack as tarPack } from 'tar-stream';
-import { afterAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { CheckpointError, showValue } from '../checkpoint/errors';
 import { paramsFromHfConfig } from '../checkpoint/hf';
 import { openModel } from '../checkpoint/index';
@@ -20,27 +19,10 @@ import { openSafetensors } from '../checkpoint/safetensors';
 import { openTar } from '../checkpoint/tar';
 import { PickleGlobal, type PickleValue, unpickle } from '../checkpoint/pickle';
 import { f32Bytes, manyAppends, nestedLists, nestedTuples, op, pInt, pStr, stateDictPickle, u32, u64, writeZip } from './torch_zip';
+import { caught, tempFolder } from './temp_files';
 
 const FIXTURES = path.join(__dirname, '..', 'fixtures');
-const TMP = fs.mkdtempSync(path.join(os.tmpdir(), 'hostile-input-test-'));
-afterAll(() => fs.rmSync(TMP, { recursive: true, force: true }));
-
-let made = 0;
-const tmpPath = (name: string): string => path.join(TMP, `${made++}-${name}`);
-function tmpFile(name: string, bytes: Uint8Array): string {
-  const file = tmpPath(name);
-  fs.writeFileSync(file, bytes);
-  return file;
-}
-
-async function caught(fn: () => unknown): Promise<Error> {
-  try {
-    await fn();
-  } catch (err) {
-    return err as Error;
-  }
-  throw new Error('expected an error');
-}
+const { path: tmpPath, file: tmpFile } = tempFolder('hostile-input-test-');
 
 /** A CheckpointError, one line, starting with `file`, matching `problem`. */
 async function expectError(fn: () => unknown, file: string, problem: RegExp): Promise<string> {

@@ -6,9 +6,8 @@
  * found as tensors are read and reported in one warning line on stderr naming the tensor.
  */
 import * as fs from 'fs';
-import * as os from 'os';
 import * as path from 'path';
-import { afterAll, describe, expect, it, vi } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 import { openModel, reportNonFiniteWeights, type NonFiniteWeights } from '../checkpoint/index';
 import { crc32, crc32Js } from '../checkpoint/crc32';
 import { CheckpointError } from '../checkpoint/errors';
@@ -19,26 +18,10 @@ import { openTar } from '../checkpoint/tar';
 import { loadForCommand, nonFiniteWarning } from '../cli/load';
 import { loadModel } from '../one_file_ref';
 import { f32Bytes, stateDictPickle, writeZip } from './torch_zip';
+import { caught, tempFolder } from './temp_files';
 
 const FIXTURES = path.join(__dirname, '..', 'fixtures');
-const TMP = fs.mkdtempSync(path.join(os.tmpdir(), 'integrity-test-'));
-afterAll(() => fs.rmSync(TMP, { recursive: true, force: true }));
-
-let made = 0;
-function tmpFile(name: string, bytes: Uint8Array): string {
-  const file = path.join(TMP, `${made++}-${name}`);
-  fs.writeFileSync(file, bytes);
-  return file;
-}
-
-async function caught(fn: () => unknown): Promise<Error> {
-  try {
-    await fn();
-  } catch (err) {
-    return err as Error;
-  }
-  throw new Error('expected an error');
-}
+const { path: tmpPath, file: tmpFile } = tempFolder('integrity-test-');
 
 /** Where record `name`'s data starts in a zip (a .pth), from its central directory entry. */
 function recordData(zip: Buffer, name: string): { start: number; size: number } {
@@ -116,7 +99,7 @@ describe('the seekable .pth checks each record it reads', () => {
   });
 
   it('through openModel: an HF pytorch_model.bin with a flipped bit', async () => {
-    const dir = path.join(TMP, `hf-bin-${made++}`);
+    const dir = tmpPath('hf-bin');
     fs.cpSync(path.join(FIXTURES, 'formats', 'tiny-hf-bin'), dir, { recursive: true });
     const bin = path.join(dir, 'pytorch_model.bin');
     const bytes = fs.readFileSync(bin);
@@ -164,7 +147,7 @@ describe('the .pth streamed from a .tar checks every record as it goes by', () =
 
   it('records with sizes up front: a storage, and a record no tensor uses, each checked', async () => {
     const pickle = stateDictPickle([{ name: 'w', storageType: 'FloatStorage', key: '0', storageNumel: 2, offset: 0, shape: [2], stride: [1] }]);
-    const file = path.join(TMP, `${made++}-upfront.pth`);
+    const file = tmpPath('upfront.pth');
     writeZip(file, [{ name: 'a/data.pkl', data: pickle }, { name: 'a/data/0', data: f32Bytes([1.5, -2]) }, { name: 'a/version', data: Buffer.from('3\n') }], false);
     const good = fs.readFileSync(file);
     const stream = async function* (bytes: Buffer): AsyncGenerator<Uint8Array> {
@@ -214,7 +197,7 @@ describe('NaN and Inf among the weights', () => {
 
   /** fixtures/formats/tiny-safetensors with a NaN and an Inf in one tensor and an Inf in another. */
   function corruptedModel(): { dir: string; first: string; second: string } {
-    const dir = path.join(TMP, `nan-${made++}`);
+    const dir = tmpPath('nan');
     fs.cpSync(path.join(FIXTURES, 'formats', 'tiny-safetensors'), dir, { recursive: true });
     const file = path.join(dir, 'consolidated.safetensors');
     const bytes = fs.readFileSync(file);

@@ -7,32 +7,12 @@ import { execFileSync } from 'child_process';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
-import { afterAll, describe, expect, it } from 'vitest';
-import { ComputePool, WeightDtype, WeightHandle } from '../kernels/pool';
+import { describe, expect, it } from 'vitest';
+import { ComputePool, WeightDtype } from '../kernels/pool';
+import { rng } from './fuzz/rng';
+import { bits, f16Value, load, poolStarter } from './kernel_helpers';
 
 const ROOT = path.join(__dirname, '..');
-
-/** A deterministic generator (mulberry32), so a failure repeats. */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
-/** IEEE binary16 by its definition: (-1)^s * 2^(e-15) * (1 + m/1024), subnormals 2^-14 * m/1024. */
-function f16Value(h: number): number {
-  const s = h & 0x8000 ? -1 : 1;
-  const e = (h >> 10) & 0x1f;
-  const m = h & 0x3ff;
-  if (e === 0x1f) return m === 0 ? s * Infinity : NaN;
-  if (e === 0) return s * Math.pow(2, -14) * (m / 1024);
-  return s * Math.pow(2, e - 15) * (1 + m / 1024);
-}
 
 /** bfloat16: the upper half of a float32's bits. */
 function bf16Value(h: number): number {
@@ -74,30 +54,7 @@ function randomInput(n: number, seed: number): Float32Array {
   return new Float32Array(n).map(() => next() * 2 - 1);
 }
 
-function bits(a: Float32Array): Uint32Array {
-  return new Uint32Array(a.buffer, a.byteOffset, a.length);
-}
-
-const pools: ComputePool[] = [];
-async function pool(threads: number, memoryLimitBytes?: number): Promise<ComputePool> {
-  const p = await ComputePool.start({ threads, memoryLimitBytes });
-  pools.push(p);
-  return p;
-}
-afterAll(async () => {
-  await Promise.all(pools.map((p) => p.close()));
-});
-
-function load(p: ComputePool, name: string, dtype: WeightDtype, rows: number, cols: number, bytes: Uint8Array): WeightHandle {
-  const h = p.addWeight(name, rows, cols, dtype);
-  // In uneven chunks that start and end mid-row and span shards, as a streamed checkpoint arrives.
-  for (let at = 0, k = 0; at < bytes.length; k++) {
-    const n = Math.min(bytes.length - at, 1 + ((k * 7919) % 997));
-    p.write(h, at, bytes.subarray(at, at + n));
-    at += n;
-  }
-  return h;
-}
+const pool = poolStarter();
 
 describe('kernels: values', () => {
   // Every 16-bit pattern, one per row, alone in its row (the other entries 0) and x all ones, so

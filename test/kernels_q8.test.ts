@@ -8,34 +8,14 @@
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
-import { afterAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { dequantizeQ8_0 } from '../checkpoint/gguf';
 import { quantizeQ8_0 } from '../checkpoint/gguf_write';
 import { ComputePool, WeightHandle } from '../kernels/pool';
+import { rng } from './fuzz/rng';
+import { bits, f16Value, load, poolStarter } from './kernel_helpers';
 
 const f = Math.fround;
-
-/** A deterministic generator (mulberry32), so a failure repeats. */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
-/** IEEE binary16 by its definition. */
-function f16Value(h: number): number {
-  const s = h & 0x8000 ? -1 : 1;
-  const e = (h >> 10) & 0x1f;
-  const m = h & 0x3ff;
-  if (e === 0x1f) return m === 0 ? s * Infinity : NaN;
-  if (e === 0) return s * Math.pow(2, -14) * (m / 1024);
-  return s * Math.pow(2, e - 15) * (1 + m / 1024);
-}
 
 /**
  * Random Q8_0 blocks as llama.cpp lays them out: per block an f16 scale (little-endian; finite,
@@ -116,10 +96,6 @@ function emulate(blocks: Uint8Array, rows: number, cols: number, x: Float32Array
   return y;
 }
 
-function bits(a: Float32Array): Uint32Array {
-  return new Uint32Array(a.buffer, a.byteOffset, a.length);
-}
-
 function sameBits(got: Float32Array, want: Float32Array, what: string): void {
   const g = bits(got);
   const w = bits(want);
@@ -129,25 +105,10 @@ function sameBits(got: Float32Array, want: Float32Array, what: string): void {
   }
 }
 
-const pools: ComputePool[] = [];
-async function pool(threads: number, memoryLimitBytes?: number): Promise<ComputePool> {
-  const p = await ComputePool.start({ threads, memoryLimitBytes });
-  pools.push(p);
-  return p;
-}
-afterAll(async () => {
-  await Promise.all(pools.map((p) => p.close()));
-});
+const pool = poolStarter();
 
-function load(p: ComputePool, name: string, rows: number, cols: number, bytes: Uint8Array): WeightHandle {
-  const h = p.addWeight(name, rows, cols, 'q8_0');
-  // In uneven chunks that start and end mid-block and span shards, as a streamed file arrives.
-  for (let at = 0, k = 0; at < bytes.length; k++) {
-    const n = Math.min(bytes.length - at, 1 + ((k * 7919) % 997));
-    p.write(h, at, bytes.subarray(at, at + n));
-    at += n;
-  }
-  return h;
+function loadQ8(p: ComputePool, name: string, rows: number, cols: number, bytes: Uint8Array): WeightHandle {
+  return load(p, name, 'q8_0', rows, cols, bytes);
 }
 
 describe('kernels: q8_0', () => {
@@ -173,7 +134,7 @@ describe('kernels: q8_0', () => {
     ]) {
       const blocks = randomBlocks(rows, cols, rows * 131 + cols);
       const x = randomInput(T, cols, rows + T);
-      const h = load(p, `stated-${rows}x${cols}x${T}`, rows, cols, blocks);
+      const h = loadQ8(p, `stated-${rows}x${cols}x${T}`, rows, cols, blocks);
       sameBits(p.matmul(h, x, T), emulate(blocks, rows, cols, x, T), `[${rows}, ${cols}] T=${T}`);
     }
   });
@@ -189,7 +150,7 @@ describe('kernels: q8_0', () => {
       blocks[r * 34 + 1] = h >> 8;
     });
     const x = new Float32Array(32).fill(0.5);
-    const y = p.matmul(load(p, 'scales', rows, 32, blocks), x, 1);
+    const y = p.matmul(loadQ8(p, 'scales', rows, 32, blocks), x, 1);
     const want = emulate(blocks, rows, 32, x, 1);
     for (let r = 0; r < rows; r++) {
       if (Number.isNaN(want[r])) expect(Number.isNaN(y[r]), `pattern 0x${patterns[r].toString(16)}`).toBe(true);
@@ -216,7 +177,7 @@ describe('kernels: q8_0', () => {
         for (let i = 0; i < 32; i++) view[at + 2 + i] = r === 0 ? -128 : r === 1 ? 127 : ((i * 37) % 256) - 128;
       }
     }
-    const h = load(p, 'extremes', 4, cols, blocks);
+    const h = loadQ8(p, 'extremes', 4, cols, blocks);
     const x = new Float32Array(3 * cols);
     for (let i = 0; i < cols; i++) x[i] = i % 2 ? 1 : -1; // token 0: +-1, every q = +-32767
     x.fill(1e-3, cols, cols + 32); // token 1: block 0 constant, block 1 zero
@@ -240,7 +201,7 @@ describe('kernels: q8_0', () => {
     ]) {
       const blocks = randomBlocks(rows, cols, rows + cols);
       const x = randomInput(70, cols, cols);
-      const hs = ps.map((p) => load(p, `rep-${rows}x${cols}`, rows, cols, blocks));
+      const hs = ps.map((p) => loadQ8(p, `rep-${rows}x${cols}`, rows, cols, blocks));
       const full = ps[0].matmul(hs[0], x, 70);
       // Independent check of the first and last tokens, so a kernel consistently wrong cannot pass.
       const want0 = emulate(blocks, rows, cols, x.subarray(0, cols), 1);
@@ -263,11 +224,11 @@ describe('kernels: q8_0', () => {
     const many = await pool(2, 256 * 1024);
     const cols = 1024;
     const blocks = [40, 24, 96].map((rows, i) => ({ rows, b: randomBlocks(rows, cols, 50 + i) }));
-    const a = blocks.map((w, i) => load(one, `m${i}`, w.rows, cols, w.b));
+    const a = blocks.map((w, i) => loadQ8(one, `m${i}`, w.rows, cols, w.b));
     const b: WeightHandle[] = [];
     blocks.forEach((w, i) => {
-      b.push(load(many, `m${i}`, w.rows, cols, w.b));
-      load(many, `pad${i}`, 160, cols, randomBlocks(160, cols, i)); // a new memory every ~1.5 weights
+      b.push(loadQ8(many, `m${i}`, w.rows, cols, w.b));
+      loadQ8(many, `pad${i}`, 160, cols, randomBlocks(160, cols, i)); // a new memory every ~1.5 weights
     });
     const bf = many.addWeight('bf', 8, cols, 'bf16');
     many.write(bf, 0, new Uint8Array(8 * cols * 2).fill(0x3f)); // bf16 0x3f3f, about 0.75
@@ -324,7 +285,7 @@ describe('kernels: q8_0', () => {
       const blocks = quantizeQ8_0(wf);
       const deq = dequantizeQ8_0(blocks);
       const x = randomInput(T, cols, seed + 10, outliers);
-      const y = p.matmul(load(p, `err-${seed}`, rows, cols, blocks), x, T);
+      const y = p.matmul(loadQ8(p, `err-${seed}`, rows, cols, blocks), x, T);
       let maxErr = 0;
       let maxAbs = 0;
       for (let t = 0; t < T; t++) {

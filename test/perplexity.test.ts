@@ -13,8 +13,8 @@ import * as os from 'os';
 import * as path from 'path';
 import * as tf from '@tensorflow/tfjs-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { run } from '../cli/main';
 import { perplexityWindows } from '../cli/perplexity';
+import { runCommand } from './run_command';
 
 const ROOT = path.resolve(__dirname, '..');
 const TINY = path.join(ROOT, 'fixtures', 'tiny');
@@ -24,26 +24,6 @@ const CTX = 16;
 let dir: string;
 let textFile: string;
 let q8: string;
-
-async function runCommand(argv: string[]): Promise<{ stdout: string; stderr: string }> {
-  const out: string[] = [];
-  const err: string[] = [];
-  const write = (sink: string[]) => (chunk: string | Uint8Array): boolean => {
-    sink.push(typeof chunk === 'string' ? chunk : Buffer.from(chunk).toString());
-    return true;
-  };
-  const stdout = process.stdout.write;
-  const stderr = process.stderr.write;
-  process.stdout.write = write(out) as typeof process.stdout.write;
-  process.stderr.write = write(err) as typeof process.stderr.write;
-  try {
-    await run(argv);
-  } finally {
-    process.stdout.write = stdout;
-    process.stderr.write = stderr;
-  }
-  return { stdout: out.join(''), stderr: err.join('') };
-}
 
 const PY_WINDOWS = String.raw`
 import sys, json

@@ -7,10 +7,9 @@
  */
 import { spawnSync } from 'child_process';
 import * as fs from 'fs';
-import * as os from 'os';
 import * as path from 'path';
 import { PassThrough, Readable } from 'stream';
-import { afterAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { tokenizeCommand } from '../cli/tokenize';
 import { CheckpointError } from '../checkpoint/errors';
 import { MAX_JSON_BYTES } from '../checkpoint/files';
@@ -20,6 +19,7 @@ import { openPth } from '../checkpoint/pth';
 import { openSafetensors } from '../checkpoint/safetensors';
 import { openTar } from '../checkpoint/tar';
 import { MAX_MODEL_BYTES, SentencePieceProcessor, TokenizerError } from '../tokenizer/index';
+import { caught, tempFolder } from './temp_files';
 
 const ROOT = path.join(__dirname, '..');
 const FIXTURES = path.join(ROOT, 'fixtures');
@@ -28,22 +28,20 @@ const HF = path.join(FIXTURES, 'formats', 'tiny-hf');
 const SHARDED = path.join(FIXTURES, 'formats', 'tiny-hf-sharded');
 const LIMIT_MS = 10_000;
 
-const TMP = fs.mkdtempSync(path.join(os.tmpdir(), 'special-files-test-'));
-afterAll(() => fs.rmSync(TMP, { recursive: true, force: true }));
+const { dir: TMP, path: tmpPath } = tempFolder('special-files-test-');
 
 const canMakeFifo = process.platform !== 'win32' && spawnSync('mkfifo', ['--help']).status === 0;
 const hasDevZero = fs.existsSync('/dev/zero');
 
-let made = 0;
 function fifo(): string {
-  const file = path.join(TMP, `fifo-${made++}`);
+  const file = tmpPath('fifo');
   expect(spawnSync('mkfifo', [file]).status).toBe(0);
   return file;
 }
 
 /** A copy of `from` under TMP with `name` replaced by `kind` (a FIFO, or a link to /dev/zero). */
 function folderWith(from: string, name: string, kind: 'fifo' | 'zero' | 'folder'): { folder: string; file: string } {
-  const folder = path.join(TMP, `model-${made++}`);
+  const folder = tmpPath('model');
   fs.mkdirSync(folder);
   for (const f of fs.readdirSync(from)) fs.copyFileSync(path.join(from, f), path.join(folder, f));
   const file = path.join(folder, name);
@@ -52,15 +50,6 @@ function folderWith(from: string, name: string, kind: 'fifo' | 'zero' | 'folder'
   else if (kind === 'zero') fs.symlinkSync('/dev/zero', file);
   else fs.mkdirSync(file);
   return { folder, file };
-}
-
-async function caught(fn: () => unknown): Promise<Error> {
-  try {
-    await fn();
-  } catch (err) {
-    return err as Error;
-  }
-  throw new Error('expected an error');
 }
 
 /** A CheckpointError on one line, starting with `file`, saying what it is. */
@@ -135,7 +124,7 @@ describe.skipIf(!canMakeFifo || !hasDevZero)('the tokenizer loader', () => {
 
   it('refuses /dev/zero, a link to it, a FIFO and a folder, naming the path', { timeout: LIMIT_MS }, async () => {
     await expectTokenizerError('/dev/zero', /is a character device, expected a SentencePiece tokenizer model file \(a regular file\)/);
-    const link = path.join(TMP, `zero-${made++}.model`);
+    const link = tmpPath('zero.model');
     fs.symlinkSync('/dev/zero', link);
     await expectTokenizerError(link, /is a character device/);
     await expectTokenizerError(fifo(), /is a FIFO \(named pipe\)/);
@@ -143,7 +132,7 @@ describe.skipIf(!canMakeFifo || !hasDevZero)('the tokenizer loader', () => {
   });
 
   it('refuses a file over MAX_MODEL_BYTES before reading it (a sparse file)', async () => {
-    const big = path.join(TMP, `big-${made++}.model`);
+    const big = tmpPath('big.model');
     fs.closeSync(fs.openSync(big, 'w'));
     fs.truncateSync(big, MAX_MODEL_BYTES + 1);
     await expectTokenizerError(big, new RegExp(`is ${MAX_MODEL_BYTES + 1} bytes, more than the ${MAX_MODEL_BYTES}`));

@@ -17,6 +17,7 @@ import type { FileHandle } from 'fs/promises';
 import { tmpdir } from 'os';
 import { join } from 'path';
 import { SentencePieceProcessor as WasmProcessor } from '@agnai/sentencepiece-js';
+import { kindOf } from '../checkpoint/files';
 import { TokenizerError } from './error';
 import { parseModelProto, PieceType, type ModelPiece } from './model_proto';
 
@@ -207,16 +208,6 @@ export const MAX_MODEL_BYTES = 64 << 20;
 
 /** Opening with O_NONBLOCK: a FIFO swapped in after the stat does not block the open. */
 const OPEN_FLAGS = fsConstants.O_RDONLY | (fsConstants.O_NONBLOCK ?? 0);
-
-/** What kind of non-regular file `stat` is, for messages. */
-function kindOf(stat: Stats): string {
-  if (stat.isDirectory()) return 'a folder';
-  if (stat.isFIFO()) return 'a FIFO (named pipe)';
-  if (stat.isCharacterDevice()) return 'a character device';
-  if (stat.isBlockDevice()) return 'a block device';
-  if (stat.isSocket()) return 'a socket';
-  return 'a special file';
-}
 
 /** The bytes of the tokenizer model file at `path`: a regular file of at most MAX_MODEL_BYTES. */
 async function readModelFile(path: string): Promise<Uint8Array> {

@@ -1,18 +1,24 @@
+import { mulberry32 } from '../../generation/sampling';
+
+/**
+ * A deterministic generator, so a failure repeats: the sampler's own mulberry32 (checked against
+ * the C original in test/generation.test.ts), floats in [0, 1).
+ */
+export function rng(seed: number): () => number {
+  return mulberry32(seed);
+}
+
 /** A seeded random source (mulberry32): the same seed gives the same cases. */
 export class Rng {
-  private state: number;
+  private readonly source: () => number;
 
   constructor(seed: number) {
-    this.state = seed >>> 0;
+    this.source = mulberry32(seed);
   }
 
   /** Uniform in [0, 1). */
   next(): number {
-    this.state = (this.state + 0x6d2b79f5) >>> 0;
-    let t = this.state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+    return this.source();
   }
 
   /** Uniform integer in [0, n). */

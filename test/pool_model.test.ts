@@ -118,7 +118,7 @@ describe.each(CONFIGS)('the compute pool against the reference: %s', (config) =>
 describe('the compute pool over long decodes and faults', () => {
   afterAll(() => closeComputePools());
 
-  it('300 decode steps: tensor count, tensor bytes and the pool threads\' wasm memories stay constant', async () => {
+  it('1,000 decode steps: tensor count, tensor bytes and the pool threads\' wasm memories stay constant', async () => {
     const model = await Transformer.fromFolder(TINY, { maxBatchSize: 1, pool: 'on', threads: 2, onDecision: () => undefined });
     try {
       const pool = model.output.pooled!.lease.pool;
@@ -131,7 +131,7 @@ describe('the compute pool over long decodes and faults', () => {
       const tensors = tf.memory().numTensors;
       const bytes = tf.memory().numBytes;
       const wasm = pool.memoryBytes();
-      for (let pos = 20; pos < 300; pos++) {
+      for (let pos = 20; pos < 1000; pos++) {
         step(pos);
         expect(tf.memory().numTensors).toBe(tensors);
       }

@@ -11,6 +11,21 @@ import { CheckpointError } from './errors';
 /** The largest JSON file read (params.json, config.json, an HF index: 7B's index is 24 KB). */
 export const MAX_JSON_BYTES = 64 << 20;
 
+/** The most bytes asked of one read (a single readSync is limited to about 2 GiB). */
+const READ_CHUNK = 1 << 30;
+
+/**
+ * Reads `target.length` bytes at `position` of `fd`, in reads of at most 1 GiB, or throws naming
+ * `file` and `what` when the file ends first (truncated, or shrank after it was opened).
+ */
+export function readExactly(fd: number, target: Uint8Array, position: number, file: string, what: string): void {
+  for (let done = 0; done < target.length; ) {
+    const got = fs.readSync(fd, target, done, Math.min(READ_CHUNK, target.length - done), position + done);
+    if (got === 0) throw new CheckpointError(file, `unexpected end of file reading ${what} (truncated?)`);
+    done += got;
+  }
+}
+
 /** Opening with O_NONBLOCK: a FIFO swapped in after the stat does not block the open. */
 const OPEN_FLAGS = fs.constants.O_RDONLY | (fs.constants.O_NONBLOCK ?? 0);
 

@@ -31,6 +31,7 @@ import * as fs from 'fs';
 import * as os from 'os';
 import { toFloat32 } from './dtypes';
 import { CheckpointError } from './errors';
+import { readExactly } from './files';
 import type { MistralParams } from './hf';
 import type { RawTensor, WeightDtype, WeightInfo, WeightReader } from './types';
 
@@ -175,8 +176,6 @@ export function ggufName(reference: string): string {
 // ---------------------------------------------------------------------------------------------
 // Reading the header
 
-/** fs.readSync reads at most about 2 GiB per call; stay well below that. */
-const READ_CHUNK = 1 << 30;
 /** The header is read from the file in pieces of this size as the parser needs them. */
 const HEADER_CHUNK = 1 << 20;
 
@@ -601,12 +600,7 @@ class Gguf implements GgufFile {
 
   private readAt(position: number, target: Uint8Array, what: string): void {
     if (this.fd === null) throw new CheckpointError(this.path, `cannot read ${what}: the file is closed`);
-    for (let done = 0; done < target.length; ) {
-      const want = Math.min(READ_CHUNK, target.length - done);
-      const got = fs.readSync(this.fd, target, done, want, position + done);
-      if (got === 0) throw new CheckpointError(this.path, `unexpected end of file while reading ${what} (the file shrank?)`);
-      done += got;
-    }
+    readExactly(this.fd, target, position, this.path, what);
   }
 
   readQ8_0Blocks(name: string): Uint8Array {

@@ -6,7 +6,7 @@
 import * as fs from 'fs';
 import * as os from 'os';
 import { CheckpointError } from './errors';
-import { openRegularFile } from './files';
+import { openRegularFile, readExactly } from './files';
 
 export type NpyDtype = 'float32' | 'float64' | 'int32' | 'int64';
 
@@ -20,8 +20,6 @@ export interface NpyArray {
 
 /** The longest header accepted (numpy's own reader stops at 10,000 bytes by default). */
 const MAX_HEADER_BYTES = 1 << 20;
-/** fs.readSync reads at most about 2 GiB per call; stay well below that. */
-const READ_CHUNK = 1 << 30;
 
 const MAGIC = Buffer.from([0x93, 0x4e, 0x55, 0x4d, 0x50, 0x59]); // "\x93NUMPY"
 
@@ -88,14 +86,6 @@ function parseHeader(path: string, text: string): { descr: string; fortranOrder:
   return { descr: descr[1], fortranOrder: fortran[1] === 'True', shape: dims.map((s) => parseInt(s, 10)) };
 }
 
-/** Reads `target.length` bytes at `position` of `fd`, or throws naming `path`. */
-function readExactly(fd: number, target: Uint8Array, position: number, path: string, what: string): void {
-  for (let done = 0; done < target.length; ) {
-    const got = fs.readSync(fd, target, done, Math.min(READ_CHUNK, target.length - done), position + done);
-    if (got === 0) throw new CheckpointError(path, `unexpected end of file reading ${what} (truncated?)`);
-    done += got;
-  }
-}
 
 /**
  * Reads a .npy file. Throws CheckpointError for other dtypes, big-endian data, Fortran order or a

@@ -12,7 +12,7 @@ import * as fs from 'fs';
 import * as os from 'os';
 import { toFloat32 } from './dtypes';
 import { CheckpointError, showValue } from './errors';
-import { openRegularFile } from './files';
+import { openRegularFile, readExactly } from './files';
 import { BYTES_PER_ELEMENT, type RawTensor, type WeightDtype, type WeightInfo, type WeightReader } from './types';
 
 /** The largest header accepted; the reference implementation uses the same limit. */
@@ -26,9 +26,6 @@ const UNREADABLE = new Set([
   'BOOL', 'U8', 'I8', 'I16', 'U16', 'I32', 'U32', 'I64', 'U64', 'F64', 'C64',
   'F8_E4M3', 'F8_E5M2', 'F8_E8M0', 'F6_E2M3', 'F6_E3M2', 'F4',
 ]);
-
-/** fs.readSync reads at most about 2 GiB per call; stay well below that. */
-const READ_CHUNK = 1 << 30;
 
 /** A tensor as the header describes it. */
 export interface SafetensorsTensorInfo extends WeightInfo {
@@ -94,12 +91,7 @@ class Safetensors implements SafetensorsFile {
 
   private readAt(position: number, target: Uint8Array, what: string): void {
     if (this.fd === null) throw new CheckpointError(this.path, `cannot read ${what}: the file is closed`);
-    for (let done = 0; done < target.length; ) {
-      const want = Math.min(READ_CHUNK, target.length - done);
-      const got = fs.readSync(this.fd, target, done, want, position + done);
-      if (got === 0) throw new CheckpointError(this.path, `unexpected end of file while reading ${what} (the file shrank?)`);
-      done += got;
-    }
+    readExactly(this.fd, target, position, this.path, what);
   }
 
   private readHeader(fd: number, fileSize: number): { header: Record<string, unknown>; dataStart: number } {

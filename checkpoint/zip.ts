@@ -11,7 +11,7 @@
 import * as fs from 'fs';
 import { crc32 } from './crc32';
 import { CheckpointError } from './errors';
-import { openRegularFile } from './files';
+import { openRegularFile, readExactly } from './files';
 import {
   CENTRAL_HEADER_SIZE,
   EOCD64_LOCATOR_SIZE,
@@ -42,8 +42,6 @@ export interface ZipEntry {
 const MAX_CENTRAL_DIRECTORY = 64 << 20;
 /** The rest of a record that a tensor does not cover is read in pieces this large to check the CRC. */
 const CRC_PIECE = 16 << 20;
-/** fs.readSync reads at most about 2 GiB per call; stay well below that. */
-const READ_CHUNK = 1 << 30;
 
 /** Reads a little-endian unsigned 64-bit value, which must fit in a JS number. */
 function readU64(buf: Buffer, at: number, file: string, what: string): number {
@@ -191,13 +189,7 @@ export class ZipReader {
         `${what} (bytes ${position}..${position + target.length}) lies outside the file of ${this.fileSize} bytes (truncated?)`,
       );
     }
-    let done = 0;
-    while (done < target.length) {
-      const want = Math.min(READ_CHUNK, target.length - done);
-      const got = fs.readSync(this.fd, target, done, want, position + done);
-      if (got === 0) throw new CheckpointError(this.path, `unexpected end of file reading ${what}`);
-      done += got;
-    }
+    readExactly(this.fd, target, position, this.path, what);
   }
 
   /** Finds the (zip64) end of central directory; returns where the directory is and how many entries it has. */

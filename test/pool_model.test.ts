@@ -11,54 +11,13 @@ import * as path from 'path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
 import { generate, Tokenizer, Transformer } from '../one_file_ref';
-import { readNpy } from '../checkpoint/npy';
 import { withComputePool } from '../model/load';
 import { closeComputePools } from '../model/pooled';
 import { startServe } from '../cli/serve';
 import { readBack, TINY } from './models';
+import { loadArray, loadIndex, maxAbsDiff, portLogits, REFERENCE, ROOT, TOLERANCE } from './reference_dumps';
 
-const ROOT = path.resolve(__dirname, '..');
-const REFERENCE = path.join(ROOT, 'fixtures', 'reference');
-const TOLERANCE = 1e-4;
 const THREADS = [1, 2, 4];
-
-interface NpyRef { file: string; shape: number[] }
-interface Case {
-  name: string; kind: string; ids?: number[][]; positions?: number[]; forward_positions?: number[][];
-  logits?: NpyRef; prompts?: string[]; max_tokens?: number; generated_ids?: number[][]; texts?: string[]; all_logprobs?: NpyRef;
-}
-interface Index { mask: string; model_folder: string; max_batch_size: number; cases: Case[] }
-
-const loadIndex = (config: string): Index => JSON.parse(fs.readFileSync(path.join(REFERENCE, config, 'index.json'), 'utf8')) as Index;
-const loadArray = (config: string, ref: NpyRef): Float32Array =>
-  Float32Array.from(readNpy(path.join(REFERENCE, config, ref.file)).data as ArrayLike<number>);
-
-function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  expect(a.length).toBe(b.length);
-  let worst = 0;
-  for (let i = 0; i < a.length; i++) {
-    const d = Math.abs(a[i] - b[i]);
-    if (!(d <= worst)) worst = d; // NaN propagates as a failure
-  }
-  return worst;
-}
-
-/** The case's tokens as a fresh sequence, one forward per group of positions; logits [B, T, V] flattened. */
-function portLogits(model: Transformer, ids: number[][], forwards: number[][]): Float32Array {
-  const [bsz, seqlen, vocab] = [ids.length, ids[0].length, model.args.vocabSize];
-  const out = new Float32Array(bsz * seqlen * vocab);
-  model.book.clear();
-  for (const positions of forwards) {
-    const from = positions[0] - forwards[0][0];
-    const chunk = readBack(() => {
-      const input = tf.tensor2d(ids.map((r) => r.slice(from, from + positions.length)), [bsz, positions.length], 'int32');
-      return model.forward(input, tf.tensor1d(positions, 'int32'));
-    });
-    const width = positions.length * vocab;
-    for (let b = 0; b < bsz; b++) out.set(chunk.subarray(b * width, (b + 1) * width), (b * seqlen + from) * vocab);
-  }
-  return out;
-}
 
 /** OS threads of this process (Linux). */
 function osThreads(): number {

@@ -16,6 +16,7 @@ import * as os from 'os';
 import * as path from 'path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { readNpy } from '../checkpoint/npy';
+import { maxAbsDiff } from './models';
 
 const ROOT = path.resolve(__dirname, '..');
 const TS_NODE = path.join(ROOT, 'node_modules', '.bin', 'ts-node');
@@ -197,15 +198,6 @@ function referenceArray(ref: NpyRef | undefined): { data: Float32Array; shape: n
   return { data: Float32Array.from(data), shape };
 }
 
-function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  expect(a.length).toBe(b.length);
-  let worst = 0;
-  for (let i = 0; i < a.length; i++) {
-    const d = Math.abs(a[i] - b[i]);
-    if (!(d <= worst)) worst = d; // NaN propagates as a failure
-  }
-  return worst;
-}
 
 // ----------------------------------------------------------------------------------------------
 // Bad input

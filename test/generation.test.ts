@@ -13,7 +13,7 @@ import * as path from 'path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
 import { Transformer } from '../one_file_ref';
-import { disposeCaches, withWindow } from './models';
+import { disposeCaches, maxAbsDiff, withWindow } from './models';
 import { SentencePieceProcessor } from '../tokenizer';
 import { readNpy } from '../checkpoint/npy';
 import { complete, GenerationError, TextOutput, type Completion, type TokenStep } from '../generation/generate';
@@ -42,10 +42,6 @@ function referenceLogprobs(c: GenerateCase, row: number): number[] {
   return Array.from(data.subarray(row * shape[1], (row + 1) * shape[1]));
 }
 
-function maxAbsDiff(a: readonly number[], b: readonly number[]): number {
-  expect(a.length).toBe(b.length);
-  return a.reduce((worst, x, i) => Math.max(worst, Math.abs(x - b[i])), 0);
-}
 
 describe('mulberry32', () => {
   it("matches Tommy Ettinger's C original", () => {

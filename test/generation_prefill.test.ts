@@ -16,6 +16,7 @@ import { loadModel, type Transformer } from '../one_file_ref';
 import type { SentencePieceProcessor } from '../tokenizer';
 import { complete, defaultChunkSize, MAX_PREFILL_CHUNK } from '../generation/generate';
 import { PREFILL_SCORES_BUDGET_BYTES } from '../model/prefill';
+import { maxAbsDiff } from './models';
 
 const TINY = path.resolve(__dirname, '..', 'fixtures', 'tiny');
 
@@ -42,10 +43,6 @@ function promptOf(n: number, salt = 0): number[] {
   return [sp.bosId, ...Array.from({ length: n - 1 }, (_, i) => 3 + ((i * 37 + salt * 11) % (sp.vocabSize - 3)))];
 }
 
-function maxAbsDiff(a: readonly number[], b: readonly number[]): number {
-  expect(a.length).toBe(b.length);
-  return a.reduce((worst, x, i) => Math.max(worst, Math.abs(x - b[i])), 0);
-}
 
 describe('default prefill chunk', () => {
   it('is the largest T whose scores [nHeads, T, W-1+T] float32 fit the budget, at most MAX_PREFILL_CHUNK', () => {

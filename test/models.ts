@@ -2,6 +2,7 @@
 import * as fs from 'fs';
 import * as path from 'path';
 import * as tf from '@tensorflow/tfjs-core';
+import { expect } from 'vitest';
 import { type LoadOptions, ModelArgs, Tokenizer, Transformer } from '../one_file_ref';
 
 /** fixtures/tiny: params.json (dim 64, 2 layers, 4 heads / 2 kv heads of 16, window 8, vocab 512), bf16 weights, tokenizer. */
@@ -61,4 +62,19 @@ export function readBack(f: () => tf.Tensor): Float32Array {
   } finally {
     t.dispose();
   }
+}
+
+/**
+ * The largest |a[i] - b[i]|, for tolerances; NaN when any difference is NaN, so that a NaN anywhere
+ * fails the comparison (a running maximum would let a later finite value hide it).
+ */
+export function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  expect(a.length).toBe(b.length);
+  let worst = 0;
+  for (let i = 0; i < a.length; i++) {
+    const d = Math.abs(a[i] - b[i]);
+    if (Number.isNaN(d)) return NaN;
+    if (d > worst) worst = d;
+  }
+  return worst;
 }

@@ -13,7 +13,7 @@ import * as path from 'path';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
 import { generate, Tokenizer, Transformer } from '../one_file_ref';
-import { TINY, tinyModelAndTokenizer } from './models';
+import { maxAbsDiff, TINY, tinyModelAndTokenizer } from './models';
 import { budgetChunkLength, prefillChunkLength, PREFILL_SCORES_BUDGET_BYTES } from '../model/prefill';
 import { logitsCommand } from '../cli/logits';
 import { readNpy } from '../checkpoint/npy';
@@ -32,15 +32,6 @@ interface RefCase {
 const INDEX = JSON.parse(fs.readFileSync(path.join(REFERENCE, 'index.json'), 'utf8')) as { cases: RefCase[] };
 const refCase = (name: string): RefCase => INDEX.cases.find((c) => c.name === name)!;
 
-function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  expect(a.length).toBe(b.length);
-  let worst = 0;
-  for (let i = 0; i < a.length; i++) {
-    const d = Math.abs(a[i] - b[i]);
-    if (!(d <= worst)) worst = d;
-  }
-  return worst;
-}
 
 async function runLogits(ids: number[][], extra: string[]): Promise<Float32Array> {
   const out = path.join(TMP, `logits-${Math.random().toString(36).slice(2)}.npy`);

@@ -10,6 +10,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import type { Transformer } from '../one_file_ref';
 import { readNpy } from '../checkpoint/npy';
 import { readBack } from './models';
+export { maxAbsDiff } from './models';
 
 export const ROOT = path.resolve(__dirname, '..');
 export const REFERENCE = path.join(ROOT, 'fixtures', 'reference');
@@ -54,15 +55,6 @@ export function loadArray(config: string, ref: NpyRef): Float32Array {
   return Float32Array.from(data as ArrayLike<number>);
 }
 
-export function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  expect(a.length).toBe(b.length);
-  let worst = 0;
-  for (let i = 0; i < a.length; i++) {
-    const d = Math.abs(a[i] - b[i]);
-    if (!(d <= worst)) worst = d; // NaN propagates as a failure
-  }
-  return worst;
-}
 
 /**
  * Runs the port on a case's tokens as a fresh sequence (nothing in the cache before it), one forward

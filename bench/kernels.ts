@@ -57,18 +57,22 @@ function fillRandom(pool: ComputePool, h: WeightHandle, seed: number): void {
 /** Random Q8_0 blocks: an f16 scale in [2^-10, 2^-6) (normal), then 32 random int8. */
 function fillRandomQ8(pool: ComputePool, h: WeightHandle, seed: number): void {
   let s = seed >>> 0 || 1;
-  for (const t of pool.targets(h)) {
-    for (let i = 0; i < t.bytes.length; i++) {
+  const rowsPerWrite = 256;
+  const bytes = new Uint8Array(rowsPerWrite * h.rowBytes);
+  for (let r = 0; r < h.rows; r += rowsPerWrite) {
+    const n = Math.min(rowsPerWrite, h.rows - r) * h.rowBytes;
+    for (let i = 0; i < n; i++) {
       s ^= s << 13;
       s ^= s >>> 17;
       s ^= s << 5;
-      t.bytes[i] = s & 0xff;
+      bytes[i] = s & 0xff;
     }
-    for (let at = 0; at < t.bytes.length; at += 34) {
-      const d = ((5 + (t.bytes[at] & 3)) << 10) | ((t.bytes[at + 1] & 3) << 8) | t.bytes[at];
-      t.bytes[at] = d & 0xff;
-      t.bytes[at + 1] = d >> 8;
+    for (let at = 0; at < n; at += 34) {
+      const d = ((5 + (bytes[at] & 3)) << 10) | ((bytes[at + 1] & 3) << 8) | bytes[at];
+      bytes[at] = d & 0xff;
+      bytes[at + 1] = d >> 8;
     }
+    pool.writeRows(h, r, bytes.subarray(0, n));
   }
 }
 

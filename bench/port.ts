@@ -5,7 +5,7 @@
  *
  *   npx ts-node --transpile-only bench/port.ts --model DIR [--prefill 128] [--decode 32]
  *       [--batch 4] [--batch-prefill 128] [--batch-decode 32] [--reps 3] [--low-memory] [--backend wasm]
- *       [--pool on|off|auto] [--threads N]
+ *       [--pool on|off|auto] [--threads N] [--quantize q8_0]
  */
 import * as os from 'os';
 import { initBackend } from '../runtime/backend';
@@ -31,7 +31,7 @@ export interface PortResult {
   loadavg: number[];
 }
 
-const FLAGS = ['model', 'prefill', 'decode', 'batch', 'batch-prefill', 'batch-decode', 'reps', 'low-memory', 'backend', 'pool', 'threads'] as const;
+const FLAGS = ['model', 'prefill', 'decode', 'batch', 'batch-prefill', 'batch-decode', 'reps', 'low-memory', 'backend', 'pool', 'threads', 'quantize'] as const;
 
 async function main(): Promise<void> {
   const flags = parseFlags(process.argv.slice(2), FLAGS);
@@ -50,7 +50,7 @@ async function main(): Promise<void> {
 
   const files = await openModel(model);
   const format = `${files.format}, ${files.weights.tensors.get('output.weight')?.dtype}`;
-  const storedBytesPerParam = BYTES_PER_ELEMENT[files.weights.tensors.get('layers.0.feed_forward.w1.weight')!.dtype];
+  let storedBytesPerParam = BYTES_PER_ELEMENT[files.weights.tensors.get('layers.0.feed_forward.w1.weight')!.dtype];
   const params = files.params as Params;
   files.close();
 
@@ -60,12 +60,15 @@ async function main(): Promise<void> {
     lowMemory: flags.has('low-memory') ? true : 'auto',
     pool: (flags.get('pool') ?? 'auto') as 'on' | 'off' | 'auto',
     threads: flags.has('threads') ? intFlag(flags, 'threads', 1) : undefined,
+    ...(flags.get('quantize') === 'q8_0' && { quantize: 'q8_0' as const }),
     onDecision: (line) => process.stderr.write(`${line}\n`),
   });
   const loadS = (performance.now() - t0) / 1000;
   const w1 = transformer.stateDict.get('layers.0.feed_forward.w1.weight');
   const poolThreads = w1?.pooled?.lease.pool.threads ?? 0;
   const lowMemory = poolThreads === 0 && w1?.transposed === null;
+  // Q8_0 in the pool: 32 int8 and a float32 scale per 32 weights (kernels/pool.ts), the bytes each token reads.
+  if (w1?.pooled?.handle.dtype === 'q8_0') storedBytesPerParam = 36 / 32;
 
   const runs: RunTimes[] = [];
   for (let r = 0; r < reps; r++) {

@@ -502,6 +502,7 @@ class Gguf implements GgufFile {
         numel,
         ggufName: gname,
         ggmlType: typeName as GgmlTypeName,
+        ...(type === GgmlType.Q8_0 && { q8_0: true }),
         ne,
         fileOffset: dataStart + offset,
         byteLength,

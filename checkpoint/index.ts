@@ -174,6 +174,13 @@ export function withProgress(reader: WeightReader, onProgress: ProgressCallback)
         count(name);
       },
     }),
+    ...(reader.readQ8_0Blocks && {
+      readQ8_0Blocks: (name: string): Uint8Array => {
+        const blocks = reader.readQ8_0Blocks!(name);
+        count(name);
+        return blocks;
+      },
+    }),
     close: () => reader.close(),
   };
 }
@@ -193,10 +200,44 @@ export function withNonFiniteCheck(reader: WeightReader, report: (finding: NonFi
     }
     return raw;
   };
+  // A tensor read in pieces (readRawInto) is scanned piece by piece; its first piece with NaN or
+  // Inf is reported, with that piece's counts and the index within the tensor.
+  const reported = new Set<string>();
+  const readRawInto = reader.readRawInto && ((name: string, byteOffset: number, target: Uint8Array): void => {
+    reader.readRawInto!(name, byteOffset, target);
+    const info = reader.tensors.get(name);
+    if (info === undefined || reported.has(name)) return;
+    const size = BYTES_PER_ELEMENT[info.dtype];
+    if (byteOffset % size !== 0 || target.byteOffset % size !== 0 || target.length % size !== 0) return;
+    const view = info.dtype === 'float32'
+      ? new Float32Array(target.buffer, target.byteOffset, target.length / 4)
+      : new Uint16Array(target.buffer, target.byteOffset, target.length / 2);
+    const found = findNonFinite(info.dtype, view);
+    if (found) {
+      reported.add(name);
+      report({ file: reader.path, tensor: name, numel: info.numel, ...found, first: found.first + byteOffset / size });
+    }
+  });
+  // Q8_0 blocks: a scale of Inf or NaN (f16 exponent 31) makes its 32 weights non-finite.
+  const readQ8_0Blocks = reader.readQ8_0Blocks && ((name: string): Uint8Array => {
+    const blocks = reader.readQ8_0Blocks!(name);
+    const count = { nan: 0, inf: 0, first: -1 };
+    for (let at = 0; at + 34 <= blocks.length; at += 34) {
+      const h = blocks[at] | (blocks[at + 1] << 8);
+      if ((h & 0x7c00) !== 0x7c00) continue;
+      if (count.first < 0) count.first = (at / 34) * 32;
+      if (h & 0x3ff) count.nan += 32;
+      else count.inf += 32;
+    }
+    if (count.first >= 0) report({ file: reader.path, tensor: name, numel: (blocks.length / 34) * 32, ...count });
+    return blocks;
+  });
   return {
     path: reader.path,
     tensors: reader.tensors,
     readRaw,
+    ...(readRawInto && { readRawInto }),
+    ...(readQ8_0Blocks && { readQ8_0Blocks }),
     read: (name: string): Float32Array => toFloat32(readRaw(name)),
     close: () => reader.close(),
   };

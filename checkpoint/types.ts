@@ -14,6 +14,8 @@ export interface WeightInfo {
   readonly shape: number[];
   /** Number of elements (product of shape; 1 for a 0-d tensor). */
   readonly numel: number;
+  /** Stored as llama.cpp's Q8_0 blocks (GGUF): read() and readRaw() give it dequantized, as float32. */
+  readonly q8_0?: boolean;
 }
 
 /** A tensor's data as stored: bfloat16 and float16 as their 16-bit patterns, float32 as is. */
@@ -36,6 +38,8 @@ export interface WeightReader {
    * straight into `target` (e.g. a compute pool's memory), for readers that can without a copy.
    */
   readRawInto?(name: string, byteOffset: number, target: Uint8Array): void;
+  /** A tensor stored as Q8_0 (info.q8_0): its blocks as stored, 34 bytes per 32 weights, row after row. */
+  readQ8_0Blocks?(name: string): Uint8Array;
   /** Tensor `name` widened to float32 (exact: bf16 and f16 values all fit). */
   read(name: string): Float32Array;
   /** Releases files and buffers; reads fail afterwards. */

@@ -20,6 +20,7 @@ export const COMMON_OPTIONS = {
   'low-memory': { type: 'boolean' },
   pool: { type: 'string' },
   threads: { type: 'string' },
+  quantize: { type: 'string' },
   quiet: { type: 'boolean' },
   verbose: { type: 'boolean' },
   help: { type: 'boolean', short: 'h' },
@@ -35,6 +36,9 @@ export const COMMON_HELP = `Options for every model command:
                   (multi-threaded WebAssembly kernels over the weights as stored); auto
                   (default) when float32 weights would not fit the backend, not on native ones
   -t, --threads N the compute pool's threads (default: the machine's cores)
+  --quantize q8_0 quantize the layer and output matrices to 8 bits while loading
+                  (llama.cpp's Q8_0) and run them on the compute pool: about half the
+                  memory and faster decoding, within about 1% in perplexity (README)
   --quiet         no progress bar or timings on stderr
   --verbose       print stack traces with errors
   -h, --help      this text

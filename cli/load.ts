@@ -14,6 +14,7 @@ export interface CommonFlags {
   'low-memory'?: boolean;
   pool?: string;
   threads?: string;
+  quantize?: string;
   quiet?: boolean;
 }
 
@@ -23,11 +24,16 @@ export function loadOptions(flags: CommonFlags, maxBatchSize: number): LoadOptio
   let loadedAt = 0;
   const pool = flags.pool ?? 'auto';
   if (pool !== 'on' && pool !== 'off' && pool !== 'auto') throw new UsageError(`--pool must be on, off or auto, got "${pool}"`);
+  const quantize = flags.quantize;
+  if (quantize !== undefined && quantize !== 'q8_0') throw new UsageError(`--quantize must be q8_0, got "${quantize}"`);
+  if (quantize !== undefined && pool === 'off') throw new UsageError('--quantize q8_0 runs on the compute pool: it cannot be used with --pool off');
+  if (quantize !== undefined && flags['low-memory']) throw new UsageError('--quantize q8_0 runs on the compute pool: it cannot be used with --low-memory');
   return {
     maxBatchSize,
     lowMemory: flags['low-memory'] ? true : 'auto',
     pool,
     threads: flags.threads === undefined ? undefined : parseIntFlag('threads', flags.threads, 0, 1),
+    ...(quantize !== undefined && { quantize }),
     onDecision: (line) => {
       if (!flags.quiet) process.stderr.write(`${line}\n`);
     },

@@ -51,6 +51,8 @@ interface Protocol {
  * How a weight is stored: bf16, f16 or f32 elements, or 'q8_0', llama.cpp's Q8_0 blocks (per 32
  * columns an f16 scale d then 32 int8 q, 34 bytes; cols a multiple of 32), multiplied with the
  * input quantized to int16 per block of 32 (see matmul_q8_0 in kernels/assembly/kernels.ts).
+ * Q8_0 weights are written as llama.cpp stores them (whole rows) and kept in panels of 4 rows
+ * (the same values, scales decoded to float32: 36 bytes per 32 weights in memory).
  */
 export type WeightDtype = 'bf16' | 'f16' | 'f32' | 'q8_0';
 
@@ -61,7 +63,7 @@ export interface WeightHandle {
   readonly rows: number;
   readonly cols: number;
   readonly dtype: WeightDtype;
-  /** Bytes of one row as stored (cols * 2 for bf16 and f16, cols * 4 for f32, cols / 32 * 34 for q8_0). */
+  /** Bytes of one row as written (cols * 2 for bf16 and f16, cols * 4 for f32, cols / 32 * 34 for q8_0). */
   readonly rowBytes: number;
 }
 
@@ -92,6 +94,7 @@ interface Kernels {
   matmul_f16(w: number, x: number, y: number, rows: number, cols: number, T: number, scratch: number): void;
   matmul_f32(w: number, x: number, y: number, rows: number, cols: number, T: number, scratch: number): void;
   matmul_q8_0(w: number, x: number, y: number, rows: number, cols: number, T: number, scratch: number): void;
+  quantize_q8_0(src: number, dt: number, rows: number, cols: number, dst: number): void;
   scan(p: number, bytes: number): number;
 }
 
@@ -99,6 +102,7 @@ interface Memory {
   readonly memory: WasmMemory;
   readonly index: number; // among its thread's memories
   kernels?: Kernels; // the main thread's own memories only
+  loader?: Kernels; // any thread's memory: an instance on the main thread for quantizing while loading
   top: number; // first free byte after the weights
   ioStart: number; // inputs, outputs and kernel scratch live at [ioStart, ioStart + ioBytes), above top
   ioBytes: number;
@@ -131,6 +135,27 @@ const DTYPES: Record<WeightDtype, { kind: number; block: number; blockBytes: num
 };
 
 const align = (n: number): number => Math.ceil(n / ALIGN) * ALIGN;
+
+/** Q8_0 in the pool: panels of 4 rows, per block of 32 columns 4 float32 scales then 4 x 32 int8 (see kernels.ts). */
+const Q8_PANEL_BLOCK = 144;
+/** Bytes a shard of `rows` rows takes in memory. */
+function shardBytes(dtype: WeightDtype, rows: number, cols: number, rowBytes: number): number {
+  return dtype === 'q8_0' ? Math.ceil(rows / 4) * (cols / 32) * Q8_PANEL_BLOCK : rows * rowBytes;
+}
+
+/** Every f16 bit pattern as float32 (exact), for Q8_0 scales. */
+let halfTable: Float32Array | null = null;
+function halves(): Float32Array {
+  if (halfTable !== null) return halfTable;
+  const t = new Float32Array(65536);
+  for (let h = 0; h < 65536; h++) {
+    const e = (h >> 10) & 31;
+    const m = h & 1023;
+    const v = e === 0 ? m * 2 ** -24 : e === 31 ? (m === 0 ? Infinity : NaN) : (1 + m / 1024) * 2 ** (e - 15);
+    t[h] = h & 0x8000 ? -v : v;
+  }
+  return (halfTable = t);
+}
 
 interface Job {
   readonly thread: number;
@@ -251,7 +276,7 @@ export class ComputePool {
       const rowStart = this.boundary(rows, thread);
       const rowEnd = this.boundary(rows, thread + 1);
       if (rowEnd === rowStart) continue;
-      const bytes = (rowEnd - rowStart) * rowBytes;
+      const bytes = shardBytes(dtype, rowEnd - rowStart, cols, rowBytes);
       if (bytes > this.memoryLimit) {
         throw new Error(
           `compute pool: weight ${name}: a shard of ${bytes} bytes exceeds a memory's ${this.memoryLimit}; use more threads`,
@@ -277,6 +302,7 @@ export class ComputePool {
    */
   targets(handle: WeightHandle): ShardTarget[] {
     const w = this.weight(handle);
+    if (w.dtype === 'q8_0') throw new Error(`compute pool: weight ${w.name}: q8_0 weights are kept in panels; write() them in whole rows`);
     return w.shards.map((s) => ({
       thread: s.thread,
       rowStart: s.rowStart,
@@ -299,6 +325,7 @@ export class ComputePool {
     if (!(Number.isInteger(byteOffset) && byteOffset >= 0 && byteOffset + bytes.length <= total)) {
       throw new Error(`compute pool: weight ${w.name}: bytes [${byteOffset}, ${byteOffset + bytes.length}) outside its ${total} bytes`);
     }
+    if (w.dtype === 'q8_0') return this.writeQ8(w, byteOffset, bytes);
     const end = byteOffset + bytes.length;
     for (const t of this.targets(handle)) {
       const from = Math.max(byteOffset, t.byteStart);
@@ -315,6 +342,7 @@ export class ComputePool {
   readFromFile(handle: WeightHandle, fd: number, position: number, source = 'the file'): void {
     this.usable();
     const CHUNK = 1 << 30; // readSync takes at most 2 GiB at once
+    if (handle.dtype === 'q8_0') return this.readQ8FromFile(handle, fd, position, source);
     for (const t of this.targets(handle)) {
       for (let done = 0; done < t.bytes.length; ) {
         const n = fs.readSync(fd, t.bytes, done, Math.min(CHUNK, t.bytes.length - done), position + t.byteStart + done);
@@ -324,6 +352,80 @@ export class ComputePool {
         }
         done += n;
       }
+    }
+  }
+
+  /** Q8_0: whole rows of llama.cpp blocks into their panels (scales decoded to float32, q copied). */
+  private writeQ8(w: Weight, byteOffset: number, bytes: Uint8Array): void {
+    if (byteOffset % w.rowBytes !== 0 || bytes.length % w.rowBytes !== 0) {
+      throw new Error(`compute pool: weight ${w.name}: q8_0 weights are written in whole rows of ${w.rowBytes} bytes`);
+    }
+    const half = halves();
+    const nb = w.cols / 32;
+    const r0 = byteOffset / w.rowBytes;
+    const r1 = r0 + bytes.length / w.rowBytes;
+    for (const s of w.shards) {
+      const from = Math.max(r0, s.rowStart);
+      const to = Math.min(r1, s.rowEnd);
+      if (from >= to) continue;
+      const buffer = s.mem.memory.buffer;
+      const u8 = new Uint8Array(buffer);
+      const f32 = new Float32Array(buffer);
+      for (let r = from; r < to; r++) {
+        const i = r - s.rowStart;
+        const panel = s.ptr + (i >> 2) * nb * Q8_PANEL_BLOCK;
+        const k = i & 3;
+        let src = (r - r0) * w.rowBytes;
+        for (let b = 0; b < nb; b++, src += 34) {
+          const at = panel + b * Q8_PANEL_BLOCK;
+          f32[at / 4 + k] = half[bytes[src] | (bytes[src + 1] << 8)];
+          u8.set(bytes.subarray(src + 2, src + 34), at + 16 + 32 * k);
+        }
+      }
+    }
+  }
+
+  /**
+   * Quantizes a float weight (bf16, f16 or f32 elements, row-major) into this q8_0 weight as
+   * llama.cpp's quantize_row_q8_0_ref does (quantize_q8_0 in kernels/assembly/kernels.ts), a few MB
+   * of rows at a time: `read(rowStart, target)` fills `target` with the weight's rows from
+   * `rowStart` on, as stored (target.length / (cols * element size) rows), in a staging area of the
+   * memory that will hold them, so the float weight is never held whole.
+   */
+  quantizeFrom(handle: WeightHandle, source: 'bf16' | 'f16' | 'f32', read: (rowStart: number, target: Uint8Array) => void): void {
+    this.usable();
+    const w = this.weight(handle);
+    if (w.dtype !== 'q8_0') throw new Error(`compute pool: weight ${w.name}: quantizeFrom() needs a q8_0 weight, not ${w.dtype}`);
+    const inRow = w.cols * (source === 'f32' ? 4 : 2);
+    const per = Math.max(4, Math.floor((4 << 20) / inRow / 4) * 4); // rows per piece, whole panels
+    const panelBytes = (w.cols / 32) * Q8_PANEL_BLOCK;
+    for (const s of w.shards) {
+      const mem = s.mem;
+      mem.loader ??= mem.kernels ?? (new WebAssembly.Instance(this.module, { env: { memory: mem.memory } }).exports as unknown as Kernels);
+      this.ensureIo(mem, align(Math.min(per, s.rowEnd - s.rowStart) * inRow));
+      for (let r = s.rowStart; r < s.rowEnd; r += per) {
+        const n = Math.min(per, s.rowEnd - r);
+        read(r, new Uint8Array(mem.memory.buffer, mem.ioStart, n * inRow));
+        mem.loader.quantize_q8_0(mem.ioStart, DTYPES[source].kind, n, w.cols, s.ptr + ((r - s.rowStart) / 4) * panelBytes);
+      }
+    }
+  }
+
+  /** readFromFile() for Q8_0: whole rows at a time through a buffer of a few MB. */
+  private readQ8FromFile(handle: WeightHandle, fd: number, position: number, source: string): void {
+    const rowsPerRead = Math.max(1, Math.floor((8 << 20) / handle.rowBytes));
+    const buf = new Uint8Array(Math.min(handle.rows, rowsPerRead) * handle.rowBytes);
+    for (let r = 0; r < handle.rows; r += rowsPerRead) {
+      const n = Math.min(rowsPerRead, handle.rows - r) * handle.rowBytes;
+      for (let done = 0; done < n; ) {
+        const got = fs.readSync(fd, buf, done, n - done, position + r * handle.rowBytes + done);
+        if (got === 0) {
+          throw new Error(`compute pool: weight ${handle.name}: ${source} ends at byte ${position + r * handle.rowBytes + done}, ` +
+            `before its ${handle.rows * handle.rowBytes} bytes from ${position}`);
+        }
+        done += got;
+      }
+      this.writeRows(handle, r, buf.subarray(0, n));
     }
   }
 
@@ -413,7 +515,7 @@ export class ComputePool {
     for (const h of handles) {
       const w = this.weight(h);
       for (const s of w.shards) {
-        const n = Math.floor(((s.rowEnd - s.rowStart) * w.rowBytes) / 64) * 64;
+        const n = Math.floor(shardBytes(w.dtype, s.rowEnd - s.rowStart, w.cols, w.rowBytes) / 64) * 64;
         bytes += n;
         jobs.push({ thread: s.thread, mem: s.mem, kind: P.KIND_SCAN, w: s.ptr, x: 0, y: 0, rows: n, cols: 0, T: 0, scratch: 0 });
       }

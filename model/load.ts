@@ -5,7 +5,8 @@
  * weights would not fit the backend. Nothing here prints: it returns what it decided, and the
  * caller reports it.
  */
-import type { WeightInfo, WeightReader } from '../checkpoint/types';
+import { BYTES_PER_ELEMENT, type WeightInfo, type WeightReader } from '../checkpoint/types';
+import type { ComputePool, WeightHandle } from '../kernels/pool';
 import { backendMemoryLimit, backendTraits, BackendError } from '../runtime/backend';
 import { MAX_POSITIONS, validateParams } from './params';
 import { armTestHooks, choosePool, fuseGroups, POOL_DTYPE, PooledMatrix, startPool, type PoolLease, type PoolMode } from './pooled';
@@ -47,6 +48,14 @@ export interface LoadOptions {
   pool?: PoolMode;
   /** The pool's threads, the main thread included (default: the machine's cores). */
   threads?: number;
+  /**
+   * 'q8_0': the layer and output matrices quantized while loading to llama.cpp's Q8_0 (int8 in
+   * blocks of 32 with an f16 scale, as llama.cpp's quantize_row_q8_0_ref), straight into the
+   * compute pool, which multiplies them with int16-quantized inputs. Implies the pool. The
+   * embedding table stays as stored (widened to float32, as always). Q8_0 tensors of a GGUF file
+   * go to the pool as they are, with or without this option, whenever the pool runs.
+   */
+  quantize?: 'q8_0';
   /** Set by withComputePool(): the started pool, or null when the tfjs path runs. */
   computePool?: PoolLease | null;
   /** Set by withComputePool(): why that path, for the decision line. */
@@ -71,6 +80,11 @@ export async function withComputePool(params: unknown, paramsFile: string, opts:
     // does not fit even in low-memory mode: the pool may still hold it
   }
   const mode = opts.pool ?? 'auto';
+  if (opts.quantize === 'q8_0') {
+    if (mode === 'off') throw new Error('--quantize q8_0 runs on the compute pool: it cannot be used with --pool off');
+    if (opts.lowMemory === true) throw new Error('--quantize q8_0 runs on the compute pool: it cannot be used with --low-memory');
+    return { ...opts, computePool: await startPool(opts.threads), poolReason: '--quantize q8_0' };
+  }
   const { use, why } = choosePool({ mode, threads: opts.threads }, needsLowMemory, opts.lowMemory === true);
   if (!use) return { ...opts, computePool: null, poolReason: why };
   try {
@@ -188,7 +202,7 @@ export function loadStateDict(args: ModelShape, checkpoint: WeightReader, opts: 
     void lease?.close();
     throw err;
   }
-  if (lease !== null) return loadIntoPool(checkpoint, lease, expected, opts.poolReason ?? '');
+  if (lease !== null) return loadIntoPool(checkpoint, lease, expected, opts.poolReason ?? '', opts.quantize === 'q8_0');
   const chosen = chooseLowMemory(args, opts.lowMemory ?? 'auto', checkpoint.path);
   const { lowMemory } = chosen;
   const why = opts.poolReason;
@@ -215,7 +229,7 @@ export function loadStateDict(args: ModelShape, checkpoint: WeightReader, opts: 
  * embedding table and the norms are float32 tensors as usual.
  */
 function loadIntoPool(
-  checkpoint: WeightReader, lease: PoolLease, expected: Map<string, number[]>, why: string,
+  checkpoint: WeightReader, lease: PoolLease, expected: Map<string, number[]>, why: string, quantize: boolean,
 ): { stateDict: StateDict; decision: string } {
   const stateDict: StateDict = new Map();
   const pooled = new Map<string, PooledMatrix>();
@@ -229,8 +243,14 @@ function loadIntoPool(
         continue;
       }
       const [rows, cols] = shape;
-      const handle = lease.pool.addWeight(name, rows, cols, POOL_DTYPE[info.dtype]);
-      if (checkpoint.readRawInto) {
+      const asQ8 = info.q8_0 === true && checkpoint.readQ8_0Blocks !== undefined;
+      const toQ8 = !asQ8 && quantize && cols % 32 === 0;
+      const handle = lease.pool.addWeight(name, rows, cols, asQ8 || toQ8 ? 'q8_0' : POOL_DTYPE[info.dtype]);
+      if (asQ8) {
+        lease.pool.writeRows(handle, 0, checkpoint.readQ8_0Blocks!(name));
+      } else if (toQ8) {
+        quantizeIntoPool(checkpoint, name, info, lease.pool, handle);
+      } else if (checkpoint.readRawInto) {
         for (const t of lease.pool.targets(handle)) checkpoint.readRawInto(name, t.byteStart, t.bytes);
       } else {
         const { data } = checkpoint.readRaw(name);
@@ -240,7 +260,7 @@ function loadIntoPool(
       pooled.set(name, m);
       stateDict.set(name, Weight.inPool(m, [rows, cols], name, info.dtype));
       bytes += rows * handle.rowBytes;
-      dtypes.add(POOL_DTYPE[info.dtype]);
+      dtypes.add(handle.dtype);
     }
   } catch (err) {
     for (const w of stateDict.values()) w.dispose();
@@ -253,6 +273,21 @@ function loadIntoPool(
   return {
     stateDict,
     decision: `compute pool: ${lease.pool.threads === 1 ? '1 thread multiplies' : `${lease.pool.threads} threads multiply`} the layer and output weights ` +
-      `as stored (${[...dtypes].join('/')}, ${size}) (${why}); tfjs runs the rest`,
+      `${quantize ? 'quantized while loading' : 'as stored'} (${[...dtypes].join('/')}, ${size}) (${why}); tfjs runs the rest`,
   };
+}
+
+/**
+ * `--quantize q8_0`: weight `name` quantized by the pool as llama.cpp's quantize_row_q8_0_ref does,
+ * read a few MB of rows at a time straight into the pool's staging memory: no whole float copy.
+ */
+function quantizeIntoPool(checkpoint: WeightReader, name: string, info: WeightInfo, pool: ComputePool, handle: WeightHandle): void {
+  const size = BYTES_PER_ELEMENT[info.dtype];
+  const rowBytes = handle.cols * size;
+  const raw = checkpoint.readRawInto ? null : checkpoint.readRaw(name).data;
+  const bytes = raw === null ? null : new Uint8Array(raw.buffer, raw.byteOffset, raw.byteLength);
+  pool.quantizeFrom(handle, POOL_DTYPE[info.dtype] as 'bf16' | 'f16' | 'f32', (rowStart, target) => {
+    if (bytes === null) checkpoint.readRawInto!(name, rowStart * rowBytes, target);
+    else target.set(bytes.subarray(rowStart * rowBytes, rowStart * rowBytes + target.length));
+  });
 }

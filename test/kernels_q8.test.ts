@@ -10,7 +10,7 @@ import * as os from 'os';
 import * as path from 'path';
 import { describe, expect, it } from 'vitest';
 import { dequantizeQ8_0 } from '../checkpoint/gguf';
-import { quantizeQ8_0 } from '../checkpoint/gguf_write';
+import { floatToBfloat16, floatToHalf, quantizeQ8_0 } from '../checkpoint/gguf_write';
 import { ComputePool, WeightHandle } from '../kernels/pool';
 import { rng } from './fuzz/rng';
 import { bits, f16Value, load, poolStarter } from './kernel_helpers';
@@ -107,8 +107,15 @@ function sameBits(got: Float32Array, want: Float32Array, what: string): void {
 
 const pool = poolStarter();
 
+/** Writes llama.cpp's blocks in pieces of whole rows, of varying counts (a stream read in pieces). */
 function loadQ8(p: ComputePool, name: string, rows: number, cols: number, bytes: Uint8Array): WeightHandle {
-  return load(p, name, 'q8_0', rows, cols, bytes);
+  const h = p.addWeight(name, rows, cols, 'q8_0');
+  for (let r = 0, k = 0; r < rows; k++) {
+    const n = Math.min(rows - r, 1 + ((k * 7) % 5));
+    p.writeRows(h, r, bytes.subarray(r * h.rowBytes, (r + n) * h.rowBytes));
+    r += n;
+  }
+  return h;
 }
 
 describe('kernels: q8_0', () => {
@@ -116,7 +123,9 @@ describe('kernels: q8_0', () => {
     const p = await pool(2);
     const h = p.addWeight('q', 5, 96, 'q8_0');
     expect(h.rowBytes).toBe(3 * 34);
-    expect(p.targets(h).reduce((n, t) => n + t.bytes.length, 0)).toBe(5 * 102);
+    expect(() => p.targets(h)).toThrow(/^compute pool: weight q: q8_0 weights are kept in panels; write\(\) them in whole rows$/);
+    expect(() => p.write(h, 34, new Uint8Array(102))).toThrow(/^compute pool: weight q: q8_0 weights are written in whole rows of 102 bytes$/);
+    expect(() => p.write(h, 0, new Uint8Array(100))).toThrow(/whole rows of 102 bytes$/);
     expect(() => p.addWeight('bad', 4, 100, 'q8_0')).toThrow(/^compute pool: weight bad: q8_0 needs cols to be a multiple of 32, got 100$/);
     expect(() => p.addWeight('bad2', 4, 16, 'q8_0')).toThrow(/multiple of 32, got 16$/);
     expect(() => p.addWeight('bad3', 4, 32, 'q4_0' as 'q8_0')).toThrow(/^compute pool: weight bad3: dtype must be bf16, f16, f32 or q8_0, got q4_0$/);
@@ -267,6 +276,50 @@ describe('kernels: q8_0', () => {
     } finally {
       fs.rmSync(dir, { recursive: true, force: true });
     }
+  });
+
+  it('quantizes bf16, f16 and f32 weights as llama.cpp does (quantizeQ8_0, checked against numpy elsewhere): the same products bit for bit', async () => {
+    for (const threads of [1, 3]) {
+      const p = await pool(threads);
+      for (const [rows, cols, seed] of [[5, 64, 1], [23, 96, 2], [64, 4096, 3]]) {
+        const next = rng(seed);
+        // Normal-ish weights, with a zero block, a block of ties (x * id = k + 1/2 exactly: amax 127
+        // gives d = 1) and a block of tiny values (d an f16 subnormal) in row 0.
+        const w = new Float32Array(rows * cols).map(() => (next() + next() - 1) * 0.08);
+        w.fill(0, 0, 32);
+        for (let i = 0; i < 32; i++) w[32 + i] = i === 0 ? 127 : ((i % 7) - 3) + 0.5;
+        if (cols >= 96) for (let i = 0; i < 32; i++) w[64 + i] = (i - 16) * 2 ** -30;
+        const x = randomInput(2, cols, seed + 5);
+        for (const source of ['bf16', 'f16', 'f32'] as const) {
+          // The weights as stored in that dtype, and the float32 values they stand for.
+          const stored = source === 'f32' ? new Uint8Array(w.buffer.slice(0)) : new Uint8Array(new Uint16Array(w.length).map((_, i) => (source === 'bf16' ? floatToBfloat16(w[i]) : floatToHalf(w[i]))).buffer);
+          const values = source === 'f32' ? w : new Float32Array(w.length).map((_, i) => (source === 'bf16' ? f16bf(floatToBfloat16(w[i])) : f16Value(floatToHalf(w[i]))));
+          const h = p.addWeight(`quantized-${source}-${rows}x${cols}`, rows, cols, 'q8_0');
+          const size = source === 'f32' ? 4 : 2;
+          const pieces: number[] = [];
+          p.quantizeFrom(h, source, (rowStart, target) => {
+            pieces.push(target.length / (cols * size));
+            target.set(stored.subarray(rowStart * cols * size, rowStart * cols * size + target.length));
+          });
+          expect(pieces.reduce((a, b) => a + b, 0)).toBe(rows);
+          sameBits(p.matmul(h, x, 2), emulate(quantizeQ8_0(values), rows, cols, x, 2), `${source} [${rows}, ${cols}] on ${threads} threads`);
+        }
+      }
+    }
+  });
+
+  it('places scales right at addresses past 2 GiB (no signed 32-bit arithmetic on them)', async () => {
+    const p = await pool(1);
+    p.addWeight('filler', 1100, 1 << 20, 'bf16'); // 2.2 GB of a memory, never touched: not resident
+    const [rows, cols] = [9, 64];
+    const blocks = randomBlocks(rows, cols, 77);
+    const x = randomInput(1, cols, 78);
+    const read = loadQ8(p, 'high', rows, cols, blocks);
+    sameBits(p.matmul(read, x, 1), emulate(blocks, rows, cols, x, 1), 'written past 2 GiB');
+    const values = new Float32Array(rows * cols).map((_, i) => Math.sin(i) * 0.1);
+    const quantized = p.addWeight('high-quantized', rows, cols, 'q8_0');
+    p.quantizeFrom(quantized, 'f32', (rowStart, target) => target.set(new Uint8Array(values.buffer, rowStart * cols * 4, target.length)));
+    sameBits(p.matmul(quantized, x, 1), emulate(quantizeQ8_0(values), rows, cols, x, 1), 'quantized past 2 GiB');
   });
 
   it('differs from the float product of the dequantized weights by a few 1e-5 of the largest output (the int16 activations)', async () => {

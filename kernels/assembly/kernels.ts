@@ -324,15 +324,19 @@ export function matmul_f32(w: usize, x: usize, y: usize, rows: i32, cols: i32, T
 }
 
 // ---------------------------------------------------------------------------------------------
-// Q8_0 weights (llama.cpp's layout) with int16-quantized activations.
+// Q8_0 weights (llama.cpp's values, in panels of 4 rows) with int16-quantized activations.
 //
 // Layouts
-//   W  [rows, cols], cols a multiple of 32: each row is cols / 32 blocks of 34 bytes, llama.cpp's
-//      block_q8_0: d (f16 scale, little-endian) then 32 int8 q; W[r, 32b + i] = d * q[i].
-//      Row r at w + r * (cols / 32) * 34; blocks are not 4-byte aligned (unaligned loads).
+//   W  [rows, cols], cols a multiple of 32, nb = cols / 32 blocks per row. llama.cpp's block_q8_0
+//      (an f16 scale d, then 32 int8 q; W[r, 32b + i] = d * q[i]) is repacked by the host (the pool)
+//      into panels of 4 rows: panel p holds rows 4p .. 4p+3 (rows past `rows` are zero) and, for
+//      each block b in order, 144 bytes: the 4 rows' scales d as float32 (decoded from f16 exactly),
+//      then the 4 rows' 32 q each (row 4p+k at byte 16 + 32k). Panel p at w + p * nb * 144. The
+//      values are llama.cpp's; only their places change, so that a block's loads are aligned and
+//      the 4 rows' scales come in one load.
 //   x  [T, cols] float32 as above; y [T, rows] float32 as above.
 //   scratch  the quantized input: T * cols int16 (token t's at scratch + t * cols * 2), then T *
-//            (cols / 32) float32 scales; T * cols * 3 bytes at most (the pool gives (T + 2) * cols * 4).
+//            nb float32 scales; T * cols * 3 bytes at most (the pool gives (T + 2) * cols * 4).
 //
 // Activation quantization, per token and block of 32 values x[0..31] (float32 arithmetic):
 //   amax = max |x[i]|;  dx = amax / 32767 (one rounded division);
@@ -341,17 +345,20 @@ export function matmul_f32(w: usize, x: usize, y: usize, rows: i32, cols: i32, T
 //   the result is within int16; a saturating conversion guards the bound anyway).
 //   Non-finite inputs are not meaningful here (amax = inf gives dx = inf and q = 0 or NaN -> 0).
 //
-// The product, per row r and token t, blocks b = 0 .. cols/32 - 1 in increasing order:
+// The product, per row r and token t, blocks b = 0 .. nb - 1 in increasing order:
 //   P    = sum over i = 0..31 of wq[i] * xq[i]: an exact int32 (|P| <= 32 * 128 * 32767 < 2^31; computed
 //          with i32x4.dot_i16x8_s on the int8 widened to int16, in any order, being integer)
-//   s    = float32(d_w) * dx                   (rounded to float32; d_w decoded from f16 exactly)
+//   s    = d_w * dx                            (rounded to float32)
 //   acc  = acc + s * float32(P)                (P converted with rounding to nearest even, then the
 //                                               product rounded, then the sum rounded; no fma)
 //   with acc = 0 before block 0; y[t, r] = acc.
 // So each output depends only on its row and its token's input: the same bits whichever thread
-// computes the row, in a group of 4 rows or alone, and whatever T is.
+// computes the row, in whichever panel order, and whatever T is.
+//
+// Speed: the panels are walked four at a time, a quarter of the matrix apart (four streams from
+// memory at once); one stream at a time left the core waiting on memory (about 0.55x as fast).
 
-const Q8_BLOCK_BYTES: usize = 34;
+const Q8_PANEL_BLOCK: usize = 144; // bytes of one block of a 4-row panel: 4 float32 scales, 4 x 32 int8
 
 /** Quantizes x [T, cols] (cols a multiple of 32) into xq (int16) and its per-block scales dxs, as stated above. */
 // @ts-ignore: decorator
@@ -388,31 +395,13 @@ const Q8_BLOCK_BYTES: usize = 34;
   return i32x4.trunc_sat_f32x4_s(f32x4.nearest(f32x4.div(v, d)));
 }
 
-/** Four int32 lanes whose sum is P of one block: the weight block's 32 int8 at `wq`, the int16 input at `xq`. */
+/** Four int32 lanes whose sum is P of one block: 32 int8 at `wq`, the block's int16 input in x0..x3. */
 // @ts-ignore: decorator
-@inline function blockDot(wq: usize, xq: usize): v128 {
+@inline function blockDot(wq: usize, x0: v128, x1: v128, x2: v128, x3: v128): v128 {
   // v128.load8x8_s: 8 int8 loaded and widened to int16 in one instruction.
-  const d0 = i32x4.dot_i16x8_s(v128.load8x8_s(wq), v128.load(xq));
-  const d1 = i32x4.dot_i16x8_s(v128.load8x8_s(wq, 8), v128.load(xq, 16));
-  const d2 = i32x4.dot_i16x8_s(v128.load8x8_s(wq, 16), v128.load(xq, 32));
-  const d3 = i32x4.dot_i16x8_s(v128.load8x8_s(wq, 24), v128.load(xq, 48));
-  return i32x4.add(i32x4.add(d0, d1), i32x4.add(d2, d3));
-}
-
-/**
- * The f16 scales of four blocks (u16 lanes, zero-extended) as float32, exactly: the exponent and
- * mantissa shifted into a float32's places give value * 2^-112 for normal and subnormal f16 alike
- * (a float32 subnormal for the latter), so one multiply by 2^112 (exact) gives the value; inf and
- * NaN (exponent 31) are rebased to exponent 255 instead; the sign is moved to bit 31.
- */
-// @ts-ignore: decorator
-@inline function q8Scales(h: v128): v128 {
-  const em = v128.and(h, i32x4.splat(0x7fff));
-  const shifted = i32x4.shl(em, 13);
-  const finite = f32x4.mul(shifted, f32x4.splat(5.192296858534828e33)); // 2^112
-  const special = i32x4.add(shifted, i32x4.splat(0x70000000)); // exponent 31 -> 255
-  const value = v128.bitselect(special, finite, i32x4.gt_s(em, i32x4.splat(0x7bff)));
-  return v128.or(value, i32x4.shl(v128.and(h, i32x4.splat(0x8000)), 16));
+  const a = i32x4.add(i32x4.dot_i16x8_s(v128.load8x8_s(wq), x0), i32x4.dot_i16x8_s(v128.load8x8_s(wq, 8), x1));
+  const b = i32x4.add(i32x4.dot_i16x8_s(v128.load8x8_s(wq, 16), x2), i32x4.dot_i16x8_s(v128.load8x8_s(wq, 24), x3));
+  return i32x4.add(a, b);
 }
 
 /** The four lanes of each of p0..p3 summed: [sum p0, sum p1, sum p2, sum p3] (exact, integer). */
@@ -423,50 +412,34 @@ const Q8_BLOCK_BYTES: usize = 34;
   return i32x4.add(v128.shuffle<i32>(a, b, 0, 2, 4, 6), v128.shuffle<i32>(a, b, 1, 3, 5, 7));
 }
 
-/** y for one row (at `row`) and one token (quantized input at xq, scales at dxs). */
-// @ts-ignore: decorator
-@inline function q8Dot1(row: usize, xq: usize, dxs: usize, nb: i32): f32 {
-  let acc: f32 = 0;
-  for (let b = 0; b < nb; b++) {
-    const p = row + <usize>b * Q8_BLOCK_BYTES;
-    const s = f16ToF32(<u32>load<u16>(p)) * load<f32>(dxs + (<usize>b << 2));
-    const d = blockDot(p + 2, xq + (<usize>b << 6));
-    const dot = (i32x4.extract_lane(d, 0) + i32x4.extract_lane(d, 1)) + (i32x4.extract_lane(d, 2) + i32x4.extract_lane(d, 3));
-    acc = acc + s * <f32>dot;
-  }
-  return acc;
-}
-
 /**
- * Four rows (the first at w0, `rowBytes` apart) and one token, lane k of the accumulator for row k:
- * the rows' block dots reduced together (sum4x4), their scales decoded together (q8Scales), the
- * input's loads shared. Stores y at out, out + 4, out + 8, out + 12.
+ * One block of one panel (at `p`) for one token: lane k of `acc` (row 4p+k) plus s_k * P_k, with
+ * the block's input in x0..x3 and its scale dx splatted in `dx`.
  */
 // @ts-ignore: decorator
-@inline function q8Dot4(w0: usize, rowBytes: usize, xq: usize, dxs: usize, nb: i32, out: usize): void {
-  const w1 = w0 + rowBytes;
-  const w2 = w1 + rowBytes;
-  const w3 = w2 + rowBytes;
-  let acc = f32x4.splat(0);
-  for (let b = 0; b < nb; b++) {
-    const off = <usize>b * Q8_BLOCK_BYTES;
-    let h = i32x4.splat(<i32>load<u16>(w0 + off));
-    h = i32x4.replace_lane(h, 1, <i32>load<u16>(w1 + off));
-    h = i32x4.replace_lane(h, 2, <i32>load<u16>(w2 + off));
-    h = i32x4.replace_lane(h, 3, <i32>load<u16>(w3 + off));
-    const s = f32x4.mul(q8Scales(h), v128.load32_splat(dxs + (<usize>b << 2)));
-    const xb = xq + (<usize>b << 6);
-    const dot = sum4x4(blockDot(w0 + off + 2, xb), blockDot(w1 + off + 2, xb), blockDot(w2 + off + 2, xb), blockDot(w3 + off + 2, xb));
-    acc = f32x4.add(acc, f32x4.mul(s, f32x4.convert_i32x4_s(dot)));
+@inline function panelBlock(p: usize, x0: v128, x1: v128, x2: v128, x3: v128, dx: v128, acc: v128): v128 {
+  const dot = sum4x4(blockDot(p + 16, x0, x1, x2, x3), blockDot(p + 48, x0, x1, x2, x3), blockDot(p + 80, x0, x1, x2, x3), blockDot(p + 112, x0, x1, x2, x3));
+  return f32x4.add(acc, f32x4.mul(f32x4.mul(v128.load(p), dx), f32x4.convert_i32x4_s(dot)));
+}
+
+/** Stores panel `p`'s four outputs at out = &y[t, 4p]: the rows that exist (rows may end mid-panel). */
+// @ts-ignore: decorator
+@inline function storePanel(out: usize, acc: v128, p: i32, rows: i32): void {
+  const left = rows - (p << 2);
+  if (left >= 4) {
+    v128.store(out, acc);
+    return;
   }
-  v128.store(out, acc);
+  store<f32>(out, f32x4.extract_lane(acc, 0));
+  if (left > 1) store<f32>(out, f32x4.extract_lane(acc, 1), 4);
+  if (left > 2) store<f32>(out, f32x4.extract_lane(acc, 2), 8);
 }
 
 /**
- * y = W x for T tokens of float32 input, W in Q8_0 (see above). The T inputs are quantized once;
- * tokens then go in blocks whose quantized inputs fit a core's L2 cache (about 512 KiB), and within
- * a block each group of 4 rows (a few KiB to 60 KiB, in L1 or L2) meets every token of the block, so
- * the weights are read from memory once per block. The last rows % 4 rows one at a time.
+ * y = W x for T tokens of float32 input, W in Q8_0 panels (see above). The T inputs are quantized
+ * once; tokens then go in blocks whose quantized inputs fit a core's L2 cache (about 512 KiB), and
+ * each group of four panels meets every token of the block while it is in cache, so the weights are
+ * read from memory once per block of tokens. Panels left over after the groups of four go one at a time.
  */
 export function matmul_q8_0(w: usize, x: usize, y: usize, rows: i32, cols: i32, T: i32, scratch: usize): void {
   const nb = cols >> 5;
@@ -474,24 +447,155 @@ export function matmul_q8_0(w: usize, x: usize, y: usize, rows: i32, cols: i32, 
   const xRow = <usize>cols << 1; // bytes of one token's quantized input
   const dxs = scratch + <usize>T * xRow;
   quantizeInput(x, xq, dxs, cols, T);
-  const rowBytes = <usize>nb * Q8_BLOCK_BYTES;
+  const panelBytes = <usize>nb * Q8_PANEL_BLOCK;
+  const panels = (rows + 3) >> 2;
+  const quarter = panels >> 2; // panels p, p + quarter, p + 2 quarter, p + 3 quarter go together
+  const stride = <usize>quarter * panelBytes;
   const yRow = <usize>rows << 2;
   let block = <i32>(<usize>(512 * 1024) / xRow);
   if (block < 1) block = 1;
   for (let t0 = 0; t0 < T; t0 += block) {
     const t1 = min(T, t0 + block);
-    let r = 0;
-    for (; r + 4 <= rows; r += 4) {
-      const w0 = w + <usize>r * rowBytes;
+    for (let p = 0; p < quarter; p++) {
+      const w0 = w + <usize>p * panelBytes;
       for (let t = t0; t < t1; t++) {
-        q8Dot4(w0, rowBytes, xq + <usize>t * xRow, dxs + ((<usize>t * <usize>nb) << 2), nb, y + <usize>t * yRow + (<usize>r << 2));
+        const xt = xq + <usize>t * xRow;
+        const dt = dxs + ((<usize>t * <usize>nb) << 2);
+        let a0 = f32x4.splat(0), a1 = f32x4.splat(0), a2 = f32x4.splat(0), a3 = f32x4.splat(0);
+        for (let b = 0; b < nb; b++) {
+          const at = w0 + <usize>b * Q8_PANEL_BLOCK;
+          const xb = xt + (<usize>b << 6);
+          const x0 = v128.load(xb), x1 = v128.load(xb, 16), x2 = v128.load(xb, 32), x3 = v128.load(xb, 48);
+          const dx = v128.load32_splat(dt + (<usize>b << 2));
+          a0 = panelBlock(at, x0, x1, x2, x3, dx, a0);
+          a1 = panelBlock(at + stride, x0, x1, x2, x3, dx, a1);
+          a2 = panelBlock(at + 2 * stride, x0, x1, x2, x3, dx, a2);
+          a3 = panelBlock(at + 3 * stride, x0, x1, x2, x3, dx, a3);
+        }
+        const out = y + <usize>t * yRow + (<usize>p << 4);
+        const q4 = <usize>quarter << 4; // bytes of y between the four panels' outputs
+        storePanel(out, a0, p, rows);
+        storePanel(out + q4, a1, p + quarter, rows);
+        storePanel(out + 2 * q4, a2, p + 2 * quarter, rows);
+        storePanel(out + 3 * q4, a3, p + 3 * quarter, rows);
       }
     }
-    for (; r < rows; r++) {
-      const w0 = w + <usize>r * rowBytes;
+    for (let p = quarter << 2; p < panels; p++) {
+      const w0 = w + <usize>p * panelBytes;
       for (let t = t0; t < t1; t++) {
-        store<f32>(y + <usize>t * yRow + (<usize>r << 2), q8Dot1(w0, xq + <usize>t * xRow, dxs + ((<usize>t * <usize>nb) << 2), nb));
+        const xt = xq + <usize>t * xRow;
+        const dt = dxs + ((<usize>t * <usize>nb) << 2);
+        let acc = f32x4.splat(0);
+        for (let b = 0; b < nb; b++) {
+          const xb = xt + (<usize>b << 6);
+          acc = panelBlock(w0 + <usize>b * Q8_PANEL_BLOCK, v128.load(xb), v128.load(xb, 16), v128.load(xb, 32), v128.load(xb, 48),
+            v128.load32_splat(dt + (<usize>b << 2)), acc);
+        }
+        storePanel(y + <usize>t * yRow + (<usize>p << 4), acc, p, rows);
       }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Quantizing float weights to Q8_0 panels while loading (`--quantize q8_0`), as llama.cpp's
+// quantize_row_q8_0_ref does, in float32, per row and block of 32 values x[0..31]:
+//   amax = max |x[i]|;  d = amax / 127;  id = d != 0 ? 1 / d : 0  (each rounded to float32)
+//   q[i] = roundf(x[i] * id): the product rounded to float32, then to the nearest integer with
+//          halves away from zero;  the scale kept is d rounded to f16 (nearest even), as llama.cpp
+//          stores it (the panel holds that f16 value as float32, exactly).
+// NaN weights make the result meaningless here, as in llama.cpp (the loader warns about them).
+
+/** float32 -> f16 bits, rounding to nearest even; overflow to inf (d <= amax / 127 never overflows for finite weights). */
+function f32ToF16(value: f32): u32 {
+  const x = reinterpret<u32>(value);
+  const sign = (x >> 16) & 0x8000;
+  const exponent = <i32>((x >> 23) & 0xff);
+  const mantissa = x & 0x7fffff;
+  if (exponent == 0xff) return sign | 0x7c00 | (mantissa != 0 ? 0x200 | (mantissa >> 13) : 0);
+  const e = exponent - 127 + 15;
+  if (e >= 0x1f) return sign | 0x7c00;
+  if (e <= 0) {
+    if (e < -10) return sign;
+    const m = mantissa | 0x800000;
+    const shift = <u32>(14 - e);
+    const half = m >> shift;
+    const rest = m & ((<u32>1 << shift) - 1);
+    const mid = <u32>1 << (shift - 1);
+    return sign | (half + (rest > mid || (rest == mid && (half & 1) != 0) ? 1 : 0));
+  }
+  const half = (<u32>e << 10) | (mantissa >> 13);
+  const rest = mantissa & 0x1fff;
+  return sign | (half + (rest > 0x1000 || (rest == 0x1000 && (half & 1) != 0) ? 1 : 0));
+}
+
+/** Eight values of row `p` (element type dt) from column c as two float32x4, in column order. */
+// @ts-ignore: decorator
+@inline function load8(dt: i32, p: usize, c: i32, hi: bool): v128 {
+  if (dt == F32) return v128.load(p + (<usize>c << 2) + (hi ? 16 : 0));
+  const h = hi ? i32x4.extend_high_i16x8_u(v128.load(p + (<usize>c << 1))) : i32x4.extend_low_i16x8_u(v128.load(p + (<usize>c << 1)));
+  if (dt == BF16) return i32x4.shl(h, 16);
+  return f16ToF32Bits(h);
+}
+
+/** roundf(v) lanewise: truncate, then move halves and more away from zero (exact: |v| <= 127.5 here). */
+// @ts-ignore: decorator
+@inline function roundAway(v: v128): v128 {
+  const t = f32x4.trunc(v);
+  const frac = f32x4.abs(f32x4.sub(v, t));
+  const one = v128.or(v128.and(v, i32x4.splat(0x80000000)), f32x4.splat(1)); // copysign(1, v)
+  return f32x4.add(t, v128.and(one, f32x4.ge(frac, f32x4.splat(0.5))));
+}
+
+/** 8 float32 (two vectors) times id, rounded as roundf, as 8 int8 at `out`. */
+// @ts-ignore: decorator
+@inline function quantize8(a: v128, b: v128, id: v128, out: usize): void {
+  const qa = i32x4.trunc_sat_f32x4_s(roundAway(f32x4.mul(a, id)));
+  const qb = i32x4.trunc_sat_f32x4_s(roundAway(f32x4.mul(b, id)));
+  const q16 = i16x8.narrow_i32x4_s(qa, qb);
+  v128.store64_lane(out, i8x16.narrow_i16x8_s(q16, q16), 0);
+}
+
+/**
+ * Quantizes `rows` rows of `cols` values (element type dt: 0 bf16, 1 f16, 2 f32) at `src` into Q8_0
+ * panels at `dst` (the layout of matmul_q8_0), as stated above. Row i goes to panel i / 4, place
+ * i % 4: `dst` is the panel of the first row. The places of a last, partial panel past `rows` get
+ * zero scales and zero q.
+ */
+export function quantize_q8_0(src: usize, dt: i32, rows: i32, cols: i32, dst: usize): void {
+  const nb = cols >> 5;
+  const panelBytes = <usize>nb * Q8_PANEL_BLOCK;
+  const rowBytes = <usize>cols << sizeLog2(dt);
+  for (let i = 0; i < ((rows + 3) & ~3); i++) {
+    const panel = dst + <usize>(i >> 2) * panelBytes;
+    const k = <usize>(i & 3);
+    const row = src + <usize>i * rowBytes;
+    for (let b = 0; b < nb; b++) {
+      const at = panel + <usize>b * Q8_PANEL_BLOCK;
+      if (i >= rows) {
+        store<f32>(at + (k << 2), 0);
+        v128.store(at + 16 + (k << 5), i32x4.splat(0));
+        v128.store(at + 16 + (k << 5), i32x4.splat(0), 16);
+        continue;
+      }
+      const c = b << 5;
+      const v0 = load8(dt, row, c, false), v1 = load8(dt, row, c, true);
+      const v2 = load8(dt, row, c + 8, false), v3 = load8(dt, row, c + 8, true);
+      const v4 = load8(dt, row, c + 16, false), v5 = load8(dt, row, c + 16, true);
+      const v6 = load8(dt, row, c + 24, false), v7 = load8(dt, row, c + 24, true);
+      const m = f32x4.max(
+        f32x4.max(f32x4.max(f32x4.abs(v0), f32x4.abs(v1)), f32x4.max(f32x4.abs(v2), f32x4.abs(v3))),
+        f32x4.max(f32x4.max(f32x4.abs(v4), f32x4.abs(v5)), f32x4.max(f32x4.abs(v6), f32x4.abs(v7))),
+      );
+      const amax = max(max(f32x4.extract_lane(m, 0), f32x4.extract_lane(m, 1)), max(f32x4.extract_lane(m, 2), f32x4.extract_lane(m, 3)));
+      const d: f32 = amax / <f32>127;
+      const id = f32x4.splat(d != 0 ? <f32>1 / d : <f32>0);
+      store<f32>(at + (k << 2), f16ToF32(f32ToF16(d)));
+      const q = at + 16 + (k << 5);
+      quantize8(v0, v1, id, q);
+      quantize8(v2, v3, id, q + 8);
+      quantize8(v4, v5, id, q + 16);
+      quantize8(v6, v7, id, q + 24);
     }
   }
 }

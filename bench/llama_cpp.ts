@@ -89,7 +89,7 @@ export interface InstallOptions {
 /** One line from a failed command's output: the npm error code where there is one, and the last message. */
 export function oneLineReason(what: string, result: { status: number | null; signal?: string | null; error?: Error; stdout?: string; stderr?: string }, timeoutMs?: number): string {
   const err = result.error as NodeJS.ErrnoException | undefined;
-  if (err?.code === 'ETIMEDOUT') return `${what} timed out after ${Math.round((timeoutMs ?? 0) / 1000)} s`;
+  if (err?.code === 'ETIMEDOUT') return `${what} timed out after ${Number(((timeoutMs ?? 0) / 1000).toFixed(1))} s`;
   if (err) return `${what} failed to start (${err.code ?? err.message})`;
   const lines = `${result.stderr ?? ''}\n${result.stdout ?? ''}`
     .split('\n')

@@ -422,7 +422,12 @@ async function compareLlamaCpp(
         `the prompt's ${w.prefill} token ids evaluated in one batch (batch size ${info.batchSize}, context ${info.contextSize}), greedy steps (temperature 0), ` +
         `a fresh context per run; ${info.systemInfo.replace(/\s*\|\s*$/, '')}.`,
     );
-    console.log(`figures: the best of ${turns * reps} runs per column (${reps} per process); the port's runs came first, then node-llama-cpp's.`);
+    const loads = (['f16', 'q8_0'] as const).filter((t) => llama[t]).map((t) => `${t.toUpperCase()} ${llama[t]!.info.loadavg[0].toFixed(2)}`).join(', ');
+    console.log(
+      `figures: the best of ${turns * reps} runs per column (${reps} per process); the port's runs came first, then node-llama-cpp's; ` +
+        `load average (1 min) at the end of node-llama-cpp's runs: ${loads} (llama.cpp's threads spin while they wait for each other, ` +
+        'so another job on the cores slows it far more than the port: compare on an idle machine).',
+    );
   }
 }
 

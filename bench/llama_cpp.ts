@@ -158,6 +158,11 @@ export function ensureNodeLlamaCpp(opts: InstallOptions = {}): Ready {
   // Anything else there is an older version or an interrupted install: replaced below.
 
   fs.mkdirSync(path.dirname(dir), { recursive: true });
+  // Staging folders of installs killed half-way (an hour old: not one running now) go.
+  for (const f of fs.readdirSync(path.dirname(dir))) {
+    const old = path.join(path.dirname(dir), f);
+    if (f.startsWith(`${path.basename(dir)}.installing-`) && Date.now() - fs.statSync(old).mtimeMs > 3600_000) fs.rmSync(old, { recursive: true, force: true });
+  }
   const staging = fs.mkdtempSync(`${dir}.installing-`);
   try {
     fs.writeFileSync(

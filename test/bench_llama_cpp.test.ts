@@ -103,6 +103,13 @@ describe('ensureNodeLlamaCpp: a one-line reason when it cannot install', () => {
 
   it('no network: the npm error code and message on one line, nothing left behind', () => {
     const dir = tmp.path('nlc');
+    // A staging folder of an install killed two hours ago goes; one of a minute ago may be running: it stays.
+    const killed = `${dir}.installing-old`;
+    const running = `${dir}.installing-new`;
+    fs.mkdirSync(killed);
+    fs.mkdirSync(running);
+    fs.utimesSync(killed, new Date(), new Date(Date.now() - 2 * 3600_000));
+    fs.utimesSync(running, new Date(), new Date(Date.now() - 60_000));
     const npm = fakeNpm(`
       console.error('npm error code ENOTFOUND');
       console.error('npm error syscall getaddrinfo');
@@ -115,7 +122,8 @@ describe('ensureNodeLlamaCpp: a one-line reason when it cannot install', () => {
       reason: `npm install node-llama-cpp@${NODE_LLAMA_CPP_VERSION} failed (exit 1, ENOTFOUND): network request to https://registry.npmjs.org/node-llama-cpp failed, reason: getaddrinfo ENOTFOUND registry.npmjs.org`,
     });
     expect(fs.existsSync(dir)).toBe(false);
-    expect(fs.readdirSync(path.dirname(dir)).filter((f) => f.includes('installing'))).toEqual([]);
+    expect(fs.readdirSync(path.dirname(dir)).filter((f) => f.includes('installing'))).toEqual([path.basename(running)]);
+    fs.rmSync(running, { recursive: true });
   });
 
   it('npm missing, or one that hangs, or one that installs nothing: each a one-line reason', () => {

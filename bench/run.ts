@@ -13,11 +13,18 @@
  *    (BENCH_7B_LOWMEM=1 adds tfjs's low-memory mode). The small model also runs on both paths
  *    (tfjs and the compute pool) in turns, with their ratio (BENCH_SKIP_POOL=1 skips it).
  *
+ * 6. node-llama-cpp (llama.cpp's Node binding, installed on demand into $TMPDIR/mistral-ts-llama-cpp,
+ *    never a dependency of the project) on the very same weights, written as F16 and Q8_0 GGUF by the
+ *    project's `convert`: for the small model (beside the port's compute pool, float32 and q8_0) and,
+ *    with BENCH_7B=1, the 7B checkpoint (beside the port's bf16 and q8_0 runs); port / node-llama-cpp
+ *    ratios (bench/llama_cpp.ts). Where it cannot be installed or loaded, the bench says why and goes on.
+ *
  * Environment: BENCH_REPS (processes per side, default 3 for the port and 2 for the reference, each
  * running the workloads twice),
  * BENCH_REF (mistral-src checkout, default /tmp/mistral-src-c18d5b9), BENCH_PYTHON (default
  * /usr/bin/python3), BENCH_SKIP_REFERENCE=1, BENCH_SKIP_SMALL=1, BENCH_SKIP_SCALING=1, BENCH_SKIP_MEMORY=1,
- * BENCH_7B=1, BENCH_7B_PATH, BENCH_DIR (where the small model is kept).
+ * BENCH_7B=1, BENCH_7B_PATH, BENCH_DIR (where the small model and the GGUF files are kept),
+ * BENCH_SKIP_LLAMA_CPP=1.
  */
 import { spawn, spawnSync } from 'child_process';
 import * as fs from 'fs';
@@ -26,6 +33,7 @@ import * as path from 'path';
 import { initBackend } from '../runtime/backend';
 import { measureBandwidth, type Bandwidth } from './bandwidth';
 import { gib, mib, REPO, RESULT_MARKER, smallModelDir } from './common';
+import { ensureNodeLlamaCpp, ggufOf, llamaCppModelFolder, type GgufType, type LlamaCppResult } from './llama_cpp';
 import type { MemoryResult, MemorySample } from './memory';
 import type { PortResult } from './port';
 import type { ScalingResult } from './scaling';
@@ -204,7 +212,7 @@ async function compare(
   refFlags: string[] | null,
   bandwidth: Bandwidth,
   targets: boolean,
-): Promise<boolean> {
+): Promise<{ ok: boolean; port: Summary }> {
   // Each process runs the workloads `reps` times: the first run of a process also pays for warming
   // up (V8 compiling the decode path, first allocations), which the later ones do not.
   const common = ['--prefill', `${w.prefill}`, '--decode', `${w.decode}`, '--batch', `${w.batch}`, '--batch-prefill', `${w.batchPrefill}`, '--batch-decode', `${w.batchDecode}`, '--reps', `${reps}`];
@@ -222,7 +230,8 @@ async function compare(
     }
   }
   const runs = { port: ports.length * reps, reference: refs.length * reps, reps };
-  return report(title, w, summarize(ports, w), ports[0], refs.length ? summarize(refs, w) : null, refs[0] ?? null, bandwidth, targets, runs);
+  const port = summarize(ports, w);
+  return { ok: report(title, w, port, ports[0], refs.length ? summarize(refs, w) : null, refs[0] ?? null, bandwidth, targets, runs), port };
 }
 
 function printScaling(s: ScalingResult): void {
@@ -306,6 +315,124 @@ async function comparePaths(title: string, model: string, w: Workload & { batchP
   console.log(`\nfigures: the best of ${turns * reps} runs per path (${reps} per process), the paths taking turns; load average ${os.loadavg().map((x) => x.toFixed(2)).join(' ')}.`);
 }
 
+// -- node-llama-cpp beside the port (bench/llama_cpp.ts) --
+
+/** The port's runs alone (no table): its summary, or null with a line saying why (a flag not there yet...). */
+async function portSummary(title: string, model: string, w: Workload & { batchPrefill: number }, turns: number, reps: number, flags: string[]): Promise<Summary | null> {
+  const common = ['--prefill', `${w.prefill}`, '--decode', `${w.decode}`, '--batch', '0', '--batch-prefill', `${w.batchPrefill}`, '--batch-decode', '0', '--reps', `${reps}`];
+  const ports: PortResult[] = [];
+  try {
+    for (let turn = 0; turn < turns; turn++) {
+      console.error(`${title}: port, turn ${turn + 1}/${turns}`);
+      ports.push(await tsChild<PortResult>('port.ts', ['--model', model, ...common, ...flags]));
+    }
+  } catch (err) {
+    console.log(`\n${title}: port ${flags.join(' ')}: not run (${err instanceof Error ? err.message : String(err)})`);
+    return null;
+  }
+  return summarize(ports, { ...w, batch: 0, batchDecode: 0 });
+}
+
+interface PortSide {
+  /** What the port ran, for the column ("port, bf16 pool"). */
+  label: string;
+  /** Its figures; null when it did not run (the column shows '-'). */
+  summary: Summary | null;
+}
+
+/**
+ * node-llama-cpp on the model written as F16 and as Q8_0 GGUF by the project's convert command,
+ * beside the port's figures for the same weights at each precision: prefill and decode tokens/s,
+ * load time, peak RSS, and port / node-llama-cpp ratios. Prints why when it cannot run.
+ */
+async function compareLlamaCpp(
+  title: string,
+  model: string,
+  w: Workload,
+  portByPrecision: Record<GgufType, PortSide>,
+  turns: number,
+  reps: number,
+): Promise<void> {
+  const ready = ensureNodeLlamaCpp();
+  if ('reason' in ready) {
+    console.log(`\n${title}: node-llama-cpp: not run (${ready.reason})`);
+    return;
+  }
+  const notes: string[] = [];
+  const llama: Partial<Record<GgufType, { summary: Summary; info: LlamaCppResult }>> = {};
+  let folder: string;
+  try {
+    const made = llamaCppModelFolder(model);
+    folder = made.folder;
+    if (made.note) notes.push(`model: ${made.note}.`);
+  } catch (err) {
+    console.log(`\n${title}: node-llama-cpp: not run (${err instanceof Error ? err.message : String(err)})`);
+    return;
+  }
+  for (const type of ['f16', 'q8_0'] as const) {
+    const name = type.toUpperCase();
+    try {
+      console.error(`${title}: ${name} GGUF (the project's convert)`);
+      const gguf = ggufOf(folder, type);
+      const size = fs.statSync(gguf.file).size;
+      notes.push(
+        `${name}: ${gguf.file} (${(size / 1e6).toFixed(1)} MB), ` +
+          (gguf.converted
+            ? `written now by \`convert --type ${type}\` in ${gguf.seconds.toFixed(1)} s, of which converting ${gguf.convertS.toFixed(1)} s ` +
+              `(${(gguf.inputBytes / 1e6 / gguf.convertS).toFixed(0)} MB/s of the ${(gguf.inputBytes / 1e6).toFixed(0)} MB of weights read).`
+            : 'written by an earlier run (same model files, sizes and mtimes).'),
+      );
+      const results: LlamaCppResult[] = [];
+      for (let turn = 0; turn < turns; turn++) {
+        console.error(`${title}: node-llama-cpp ${name}, turn ${turn + 1}/${turns}`);
+        results.push(
+          await tsChild<LlamaCppResult>('llama_cpp_child.ts', ['--dir', ready.dir, '--model', gguf.file, '--prefill', `${w.prefill}`, '--decode', `${w.decode}`, '--reps', `${reps}`]),
+        );
+      }
+      llama[type] = { summary: summarize(results.map((r) => ({ ...r, runs: r.runs.map((x) => ({ ...x, batchDecodeS: 0, kvCacheBytes: 0 })) })), { ...w, batch: 0, batchDecode: 0 }), info: results[0] };
+    } catch (err) {
+      notes.push(`${name}: node-llama-cpp not run (${err instanceof Error ? err.message : String(err)}).`);
+    }
+  }
+  const ratio = (a: number | undefined, b: number | undefined): string => (a === undefined || b === undefined || !Number.isFinite(a) || !Number.isFinite(b) ? '-' : `${(a / b).toFixed(2)}x`);
+  const header = [''];
+  const rows: [string, (s: Summary) => number, (x: number) => string][] = [
+    [`prefill tokens/s (${w.prefill} tokens)`, (s) => s.prefillTokS, (x) => fmt(x)],
+    [`decode tokens/s (${w.decode} steps after it)`, (s) => s.decodeTokS, (x) => fmt(x)],
+    ['load time, s', (s) => s.loadS, (x) => fmt(x, 2)],
+    ['peak RSS', (s) => s.peakRssBytes, (x) => mib(x)],
+  ];
+  const cells = rows.map(([what]) => [what]);
+  for (const type of ['f16', 'q8_0'] as const) {
+    const port = portByPrecision[type].summary;
+    const ll = llama[type]?.summary;
+    header.push(portByPrecision[type].label, `llama.cpp ${type.toUpperCase()}`, 'port/llama.cpp');
+    rows.forEach(([, get, show], i) => {
+      cells[i].push(port ? show(get(port)) : '-', ll ? show(get(ll)) : '-', ratio(port ? get(port) : undefined, ll ? get(ll) : undefined));
+    });
+  }
+  const info = llama.f16?.info ?? llama.q8_0?.info;
+  console.log(`\n## ${title}: node-llama-cpp ${ready.version}${info ? ` (llama.cpp ${info.llamaCppRelease}, prebuilt CPU binary, ${info.threads} threads)` : ''}, the same weights\n`);
+  console.log(table([header, ...cells]));
+  console.log('');
+  for (const n of notes) console.log(n);
+  if (info) {
+    console.log(
+      `node-llama-cpp: the GGUF read into memory at load (no mmap; the binding's start, ${fmt(info.bindingS, 2)} s, not counted), ` +
+        `the prompt's ${w.prefill} token ids evaluated in one batch (batch size ${info.batchSize}, context ${info.contextSize}), greedy steps (temperature 0), ` +
+        `a fresh context per run; ${info.systemInfo.replace(/\s*\|\s*$/, '')}.`,
+    );
+    const loads = (['f16', 'q8_0'] as const).filter((t) => llama[t]).map((t) => `${t.toUpperCase()} ${llama[t]!.info.loadavg[0].toFixed(2)}`).join(', ');
+    console.log(
+      `figures: the best of ${turns * reps} runs per column (${reps} per process); the port's runs came first, then node-llama-cpp's; ` +
+        `load average (1 min) at the end of node-llama-cpp's runs: ${loads} (llama.cpp's threads spin while they wait for each other, ` +
+        'so another job on the cores slows it far more than the port: compare on an idle machine).',
+    );
+  }
+}
+
+// -- end of node-llama-cpp --
+
 async function main(): Promise<void> {
   const load = (): string => os.loadavg().map((x) => x.toFixed(2)).join(' ');
   console.log('# mistral-ts benchmark\n');
@@ -333,14 +460,24 @@ async function main(): Promise<void> {
   let judged = false;
   if (process.env.BENCH_SKIP_SMALL !== '1') {
     judged = true;
-    ok = await compare(
+    ok = (await compare(
       'Small model (dim 512, 4 layers, GQA 8/2, vocab 32000, float32), this machine',
       small, smallWorkload, turns, 2, ['--pool', 'off'], noReference === null ? [] : null, bandwidth, true,
-    );
+    )).ok;
   }
   if (process.env.BENCH_SKIP_POOL !== '1') {
     await comparePaths('Small model: the tfjs path against the compute pool (float32 weights, all cores)', small, smallWorkload, turns.port, 2);
   }
+  // -- node-llama-cpp beside the port (bench/llama_cpp.ts) --
+  if (process.env.BENCH_SKIP_SMALL !== '1') {
+    const pool = await portSummary('Small model, compute pool (for node-llama-cpp)', small, smallWorkload, turns.port, 2, ['--pool', 'on']);
+    const q8 = await portSummary('Small model, q8_0 on the compute pool (for node-llama-cpp)', small, smallWorkload, turns.port, 2, ['--pool', 'on', '--quantize', 'q8_0']);
+    await compareLlamaCpp('Small model beside node-llama-cpp', small, smallWorkload, {
+      f16: { label: 'port, f32 pool', summary: pool },
+      q8_0: { label: 'port, q8_0 pool', summary: q8 },
+    }, turns.port, 2);
+  }
+  // -- end of node-llama-cpp --
 
   if (process.env.BENCH_SKIP_SCALING !== '1') {
     printScaling(await tsChild<ScalingResult>('scaling.ts', ['--model', small]));
@@ -360,7 +497,19 @@ async function main(): Promise<void> {
       const available = Number(fs.readFileSync('/proc/meminfo', 'utf8').match(/MemAvailable:\s+(\d+) kB/)?.[1] ?? os.freemem() / 1024) * 1024;
       const refFlags = noReference === null && available > 18 * 1024 ** 3 ? ['--dtype', 'bfloat16', '--stream'] : null;
       if (noReference === null && refFlags === null) console.log(`\n7B reference: not run (needs about 18 GiB free, ${gib(available)} available)`);
-      await compare('Mistral-7B-shaped random checkpoint (bf16), compute pool', big, w7, { port: 1, reference: 1 }, 1, ['--pool', 'on'], refFlags, bandwidth, false);
+      const bf16 = await compare('Mistral-7B-shaped random checkpoint (bf16), compute pool', big, w7, { port: 1, reference: 1 }, 1, ['--pool', 'on'], refFlags, bandwidth, false);
+      // -- node-llama-cpp beside the port (bench/llama_cpp.ts) --
+      let q8: Summary | null = null;
+      try {
+        q8 = (await compare('Mistral-7B-shaped random checkpoint, quantized to q8_0 at load, compute pool', big, w7, { port: 1, reference: 0 }, 1, ['--pool', 'on', '--quantize', 'q8_0'], null, bandwidth, false)).port;
+      } catch (err) {
+        console.log(`\n7B q8_0 port run: not run (${err instanceof Error ? err.message : String(err)})`);
+      }
+      await compareLlamaCpp('Mistral-7B-shaped random checkpoint beside node-llama-cpp', big, w7, {
+        f16: { label: 'port, bf16 pool', summary: bf16.port },
+        q8_0: { label: 'port, q8_0 pool', summary: q8 },
+      }, 1, 1);
+      // -- end of node-llama-cpp --
       if (process.env.BENCH_7B_LOWMEM === '1') {
         const wl = { prefill: 16, decode: 3, batch: 4, batchPrefill: 16, batchDecode: 2 };
         await compare('Mistral-7B-shaped random checkpoint (bf16), tfjs low-memory mode', big, wl, { port: 1, reference: 0 }, 1, ['--pool', 'off', '--low-memory'], null, bandwidth, false);

@@ -212,7 +212,7 @@ async function compare(
   refFlags: string[] | null,
   bandwidth: Bandwidth,
   targets: boolean,
-): Promise<{ ok: boolean; port: Summary }> {
+): Promise<{ ok: boolean; port: Summary; ref: Summary | null }> {
   // Each process runs the workloads `reps` times: the first run of a process also pays for warming
   // up (V8 compiling the decode path, first allocations), which the later ones do not.
   const common = ['--prefill', `${w.prefill}`, '--decode', `${w.decode}`, '--batch', `${w.batch}`, '--batch-prefill', `${w.batchPrefill}`, '--batch-decode', `${w.batchDecode}`, '--reps', `${reps}`];
@@ -231,7 +231,8 @@ async function compare(
   }
   const runs = { port: ports.length * reps, reference: refs.length * reps, reps };
   const port = summarize(ports, w);
-  return { ok: report(title, w, port, ports[0], refs.length ? summarize(refs, w) : null, refs[0] ?? null, bandwidth, targets, runs), port };
+  const ref = refs.length ? summarize(refs, w) : null;
+  return { ok: report(title, w, port, ports[0], ref, refs[0] ?? null, bandwidth, targets, runs), port, ref };
 }
 
 function printScaling(s: ScalingResult): void {
@@ -315,6 +316,49 @@ async function comparePaths(title: string, model: string, w: Workload & { batchP
   console.log(`\nfigures: the best of ${turns * reps} runs per path (${reps} per process), the paths taking turns; load average ${os.loadavg().map((x) => x.toFixed(2)).join(' ')}.`);
 }
 
+/**
+ * Reads a file, or every file of a model folder, once, so that each side then loads it from the page cache
+ * rather than from disk (the first to read it would otherwise pay for the disk alone).
+ */
+function warmPageCache(folder: string): void {
+  const t0 = performance.now();
+  let bytes = 0;
+  const buf = Buffer.alloc(16 << 20);
+  const files = fs.statSync(folder).isFile() ? [folder] : fs.readdirSync(folder).map((name) => path.join(folder, name));
+  for (const file of files) {
+    if (!fs.statSync(file).isFile()) continue;
+    const fd = fs.openSync(file, 'r');
+    try {
+      for (let n; (n = fs.readSync(fd, buf, 0, buf.length, null)) > 0; ) bytes += n;
+    } finally {
+      fs.closeSync(fd);
+    }
+  }
+  console.log(`\n${folder}: ${(bytes / 1e9).toFixed(1)} GB read once into the page cache in ${((performance.now() - t0) / 1000).toFixed(1)} s, so that every side loads it from memory.`);
+}
+
+/** Issue 13's and 14's targets for the 7B-shaped checkpoint, from the runs above. */
+function print7BTargets(bf16: Summary, ref: Summary | null, q8: Summary | null): boolean {
+  const GiB = 1024 ** 3;
+  const x = (a: number, b: number | undefined): string => (b === undefined ? '-' : `${(a / b).toFixed(2)}x`);
+  const checks: [string, boolean | null][] = [
+    [`bf16 pool decode >= the reference's (${x(bf16.decodeTokS, ref?.decodeTokS)})`, ref ? bf16.decodeTokS >= ref.decodeTokS : null],
+    [`bf16 pool prefill >= the reference's (${x(bf16.prefillTokS, ref?.prefillTokS)})`, ref ? bf16.prefillTokS >= ref.prefillTokS : null],
+    [`bf16 pool load time <= the reference's (${x(bf16.loadS, ref?.loadS)})`, ref ? bf16.loadS <= ref.loadS : null],
+    [`bf16 pool peak RSS <= 17 GiB (${gib(bf16.peakRssBytes)})`, bf16.peakRssBytes <= 17 * GiB],
+  ];
+  if (q8) {
+    checks.push(
+      [`q8_0 decode >= 1.4x the bf16 pool's (${x(q8.decodeTokS, bf16.decodeTokS)})`, q8.decodeTokS >= 1.4 * bf16.decodeTokS],
+      [`q8_0 decode >= 1.5x the reference's bf16 decode (${x(q8.decodeTokS, ref?.decodeTokS)})`, ref ? q8.decodeTokS >= 1.5 * ref.decodeTokS : null],
+      [`q8_0 peak RSS <= 10 GiB (${gib(q8.peakRssBytes)})`, q8.peakRssBytes <= 10 * GiB],
+    );
+  }
+  console.log('\n## 7B targets (issues 13 and 14)\n');
+  for (const [what, met] of checks) console.log(`target: ${what}: ${met === null ? 'not measured (no reference)' : met ? 'met' : 'NOT met'}`);
+  return checks.every(([, met]) => met !== false);
+}
+
 // -- node-llama-cpp beside the port (bench/llama_cpp.ts) --
 
 /** The port's runs alone (no table): its summary, or null with a line saying why (a flag not there yet...). */
@@ -374,6 +418,7 @@ async function compareLlamaCpp(
     try {
       console.error(`${title}: ${name} GGUF (the project's convert)`);
       const gguf = ggufOf(folder, type);
+      warmPageCache(gguf.file);
       const size = fs.statSync(gguf.file).size;
       notes.push(
         `${name}: ${gguf.file} (${(size / 1e6).toFixed(1)} MB), ` +
@@ -497,6 +542,7 @@ async function main(): Promise<void> {
       const available = Number(fs.readFileSync('/proc/meminfo', 'utf8').match(/MemAvailable:\s+(\d+) kB/)?.[1] ?? os.freemem() / 1024) * 1024;
       const refFlags = noReference === null && available > 18 * 1024 ** 3 ? ['--dtype', 'bfloat16', '--stream'] : null;
       if (noReference === null && refFlags === null) console.log(`\n7B reference: not run (needs about 18 GiB free, ${gib(available)} available)`);
+      warmPageCache(big);
       const bf16 = await compare('Mistral-7B-shaped random checkpoint (bf16), compute pool', big, w7, { port: 1, reference: 1 }, 1, ['--pool', 'on'], refFlags, bandwidth, false);
       // -- node-llama-cpp beside the port (bench/llama_cpp.ts) --
       let q8: Summary | null = null;
@@ -505,6 +551,8 @@ async function main(): Promise<void> {
       } catch (err) {
         console.log(`\n7B q8_0 port run: not run (${err instanceof Error ? err.message : String(err)})`);
       }
+      judged = true;
+      ok = print7BTargets(bf16.port, bf16.ref, q8) && ok;
       await compareLlamaCpp('Mistral-7B-shaped random checkpoint beside node-llama-cpp', big, w7, {
         f16: { label: 'port, bf16 pool', summary: bf16.port },
         q8_0: { label: 'port, q8_0 pool', summary: q8 },

@@ -15,7 +15,9 @@
  * blocks, 34 bytes per 32 weights, int16-quantized input): GB/s of Q8_0 weight bytes read, and the
  * time of one q8_0 product over one bf16 product of the same shape on the same threads.
  */
+import * as fs from 'fs';
 import * as os from 'os';
+import * as path from 'path';
 import { ComputePool, WeightHandle } from '../kernels/pool';
 
 const GB = 1e9;
@@ -76,10 +78,35 @@ function fillRandomQ8(pool: ComputePool, h: WeightHandle, seed: number): void {
   }
 }
 
+/**
+ * The kernels' arithmetic ceiling on this machine: peak_f32 (8 register-held float32x4
+ * multiply-then-add chains, SIMD128 having no fused multiply-add) on one thread, and what it allows
+ * a 7B prefill on every core (2 x 7.11 G multiply-adds per token in the layer and output products).
+ */
+function printPeak(): void {
+  const memory = new (globalThis as unknown as { WebAssembly: { Memory: new (d: object) => object } }).WebAssembly.Memory({ initial: 1, maximum: 65536, shared: true });
+  const wasm = (globalThis as unknown as { WebAssembly: { Instance: new (m: object, i: object) => { exports: { peak_f32(n: number): number } }; Module: new (b: Uint8Array) => object } }).WebAssembly;
+  const k = new wasm.Instance(new wasm.Module(fs.readFileSync(path.join(__dirname, '..', 'kernels', 'kernels.wasm'))), { env: { memory } }).exports;
+  k.peak_f32(1e6); // compiled and warm
+  let best = 0;
+  for (let r = 0; r < 5; r++) {
+    const n = 2e7;
+    const t = performance.now();
+    k.peak_f32(n);
+    best = Math.max(best, (n * 64) / ((performance.now() - t) / 1000));
+  }
+  const cores = os.cpus().length;
+  console.log(
+    `arithmetic ceiling (peak_f32): ${(best / 1e9).toFixed(1)} GFLOP/s on one thread; on ${cores} cores a 7B prefill ` +
+      `(14.2 GFLOP a token) can reach at most ${((cores * best) / 14.22e9).toFixed(1)} tokens/s on float32 SIMD128`,
+  );
+}
+
 async function main(): Promise<void> {
   console.log(`bench/kernels.ts: ${os.cpus().length} cores (${os.cpus()[0]?.model ?? '?'}), load average ${os.loadavg().map((l) => l.toFixed(1)).join(' ')}, best of ${reps}, ${copies} copies of each matrix`);
   // Every pool at once, and every measurement taken in turn within each repetition, so that a
   // shared machine's quiet and busy moments fall on all of them alike: compare the ratios.
+  printPeak();
   const pools = await Promise.all(threadCounts.map((threads) => ComputePool.start({ threads })));
   try {
     const tasks: { key: string; bytes: number; run: () => void; best: number; bestCpu: number }[] = [];

@@ -671,3 +671,23 @@ export function scan(p: usize, bytes: usize): i32 {
   const s = i32x4.add(i32x4.add(s0, s1), i32x4.add(s2, s3));
   return i32x4.extract_lane(s, 0) ^ i32x4.extract_lane(s, 1) ^ i32x4.extract_lane(s, 2) ^ i32x4.extract_lane(s, 3);
 }
+
+/**
+ * For the bench (bench/kernels.ts): the arithmetic ceiling of these kernels. `iters` rounds of 8
+ * independent float32x4 multiply-then-add chains held in registers, 64 floating-point operations a
+ * round (SIMD128 has no fused multiply-add); returns a value that depends on every chain.
+ */
+export function peak_f32(iters: i32): f32 {
+  const m = f32x4.splat(0.999999);
+  const c = f32x4.splat(1e-7);
+  let a0 = f32x4.splat(1), a1 = f32x4.splat(2), a2 = f32x4.splat(3), a3 = f32x4.splat(4);
+  let a4 = f32x4.splat(5), a5 = f32x4.splat(6), a6 = f32x4.splat(7), a7 = f32x4.splat(8);
+  for (let i = 0; i < iters; i++) {
+    a0 = f32x4.add(f32x4.mul(a0, m), c); a1 = f32x4.add(f32x4.mul(a1, m), c);
+    a2 = f32x4.add(f32x4.mul(a2, m), c); a3 = f32x4.add(f32x4.mul(a3, m), c);
+    a4 = f32x4.add(f32x4.mul(a4, m), c); a5 = f32x4.add(f32x4.mul(a5, m), c);
+    a6 = f32x4.add(f32x4.mul(a6, m), c); a7 = f32x4.add(f32x4.mul(a7, m), c);
+  }
+  const s = f32x4.add(f32x4.add(f32x4.add(a0, a1), f32x4.add(a2, a3)), f32x4.add(f32x4.add(a4, a5), f32x4.add(a6, a7)));
+  return f32x4.extract_lane(s, 0) + f32x4.extract_lane(s, 3);
+}

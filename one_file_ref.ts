@@ -331,7 +331,7 @@ export class Transformer {
 
   /** from_folder: params.json and the weights from any layout checkpoint/ reads (folder, .tar, safetensors, HF). */
   static async fromFolder(folder: string, opts: LoadOptions = {}): Promise<Transformer> {
-    const files = await openModel(folder, { onProgress: opts.onProgress });
+    const files = await openModel(folder, { onProgress: opts.onProgress, onNote: opts.onDecision });
     try {
       return Transformer.fromCheckpoint(files.params, files.paramsFile, files.weights, await withComputePool(files.params, files.paramsFile, opts));
     } finally { files.close(); }
@@ -451,7 +451,7 @@ export async function generate(
 // 12. demo: the reference's three prompts
 /** Tokenizer(folder / "tokenizer.model") and Transformer.from_folder(folder), from one read of any layout (a .tar is one stream). */
 export async function loadModel(modelPath: string, opts: LoadOptions = {}): Promise<{ tokenizer: Tokenizer; transformer: Transformer }> {
-  const files = await openModel(modelPath, { onProgress: opts.onProgress });
+  const files = await openModel(modelPath, { onProgress: opts.onProgress, onNote: opts.onDecision });
   try {
     const tokenizer = await Tokenizer.load(files.tokenizer);
     const transformer = Transformer.fromCheckpoint(files.params, files.paramsFile, files.weights, await withComputePool(files.params, files.paramsFile, opts));

@@ -35,6 +35,8 @@ export interface OpenModelOptions {
    * are also collected in ModelFiles.nonFinite.
    */
   onNonFinite?: (finding: NonFiniteWeights) => void;
+  /** Told each note about the model (a GGUF's defaults for missing metadata), as "note: ..."; default: stderr. */
+  onNote?: (line: string) => void;
 }
 
 export interface ModelFiles {
@@ -293,8 +295,8 @@ export async function openModel(modelPath: string, opts: OpenModelOptions = {}):
     const kind = fileKind(modelPath);
     if (kind === 'gguf' || /\.gguf$/i.test(modelPath)) {
       const gguf = (await import('./gguf_model')).openGgufModel(modelPath);
-      // The defaults taken for missing metadata are said where the file is opened, as a note.
-      for (const warning of gguf.warnings) process.stderr.write(`note: ${warning}\n`);
+      // The defaults taken for missing metadata are said as notes, through the caller's channel.
+      for (const warning of gguf.warnings) (opts.onNote ?? ((line: string) => process.stderr.write(`${line}\n`)))(`note: ${warning}`);
       return { ...modelFiles('gguf', modelPath, gguf.params, gguf.paramsFile, gguf.weights, gguf.tokenizer, opts), warnings: gguf.warnings };
     }
     if (kind !== 'tar') throw notAModelFile(modelPath, kind);

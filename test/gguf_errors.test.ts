@@ -281,12 +281,17 @@ describe('bad GGUF files give one-line errors naming the file', () => {
     await expect(loadModel(f)).rejects.toThrow(/weight "layers\.0\.attention\.wk\.weight" has shape \[8,32\], params\.json implies \[16,32\]/);
   });
 
-  it('no sliding window in the metadata: 4096, with a note', () => {
+  it('no sliding window in the metadata: 4096, with a note told through the loader\'s onDecision (the CLI\'s stderr, silent with --quiet)', async () => {
     const f = file(meta(setKey('llama.attention.sliding_window', null)));
     const g = openGguf(f);
     expect(g.params.sliding_window).toBe(4096);
-    expect(g.warnings).toEqual([`${f}: no llama.attention.sliding_window in the metadata (llama.cpp's converter does not write it); using Mistral 7B's 4096`]);
+    const note = `${f}: no llama.attention.sliding_window in the metadata (llama.cpp's converter does not write it); using Mistral 7B's 4096`;
+    expect(g.warnings).toEqual([note]);
     g.close();
+    const lines: string[] = [];
+    const { transformer } = await loadModel(f, { onDecision: (line) => lines.push(line) });
+    transformer.dispose();
+    expect(lines).toContain(`note: ${note}`);
   });
 
   it('the CLI: exit code 1 and one stderr line', () => {

@@ -234,6 +234,7 @@ function loadIntoPool(
   const stateDict: StateDict = new Map();
   const pooled = new Map<string, PooledMatrix>();
   let bytes = 0;
+  let quantized = 0;
   const dtypes = new Set<string>();
   try {
     for (const [name, shape] of expected) {
@@ -250,6 +251,7 @@ function loadIntoPool(
         lease.pool.writeRows(handle, 0, checkpoint.readQ8_0Blocks!(name));
       } else if (toQ8) {
         quantizeIntoPool(checkpoint, name, info, lease.pool, handle);
+        quantized++;
       } else if (checkpoint.readRawInto) {
         for (const t of lease.pool.targets(handle)) checkpoint.readRawInto(name, t.byteStart, t.bytes);
       } else {
@@ -273,7 +275,7 @@ function loadIntoPool(
   return {
     stateDict,
     decision: `compute pool: ${lease.pool.threads === 1 ? '1 thread multiplies' : `${lease.pool.threads} threads multiply`} the layer and output weights ` +
-      `${quantize ? 'quantized while loading' : 'as stored'} (${[...dtypes].join('/')}, ${size}) (${why}); tfjs runs the rest`,
+      `${quantized === pooled.size ? 'quantized while loading' : quantized > 0 ? 'as stored or quantized while loading' : 'as stored'} (${[...dtypes].join('/')}, ${size}) (${why}); tfjs runs the rest`,
   };
 }
 

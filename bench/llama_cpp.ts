@@ -23,6 +23,7 @@ import * as os from 'os';
 import * as path from 'path';
 import { parseModelProto } from '../tokenizer/model_proto';
 import { BENCH_DIR, REPO } from './common';
+import { isAlive } from '../runtime/processes';
 
 /** The pinned version: prebuilt linux-x64/arm64, macOS x64 and Windows CPU binaries; Node >= 20. */
 export const NODE_LLAMA_CPP_VERSION = '3.22.1';
@@ -323,14 +324,6 @@ function projectConvert(model: string, out: string, type: GgufType): number | vo
   if (took) return Number(took[1]);
 }
 
-const alive = (pid: number): boolean => {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-};
 
 /**
  * `model` written as `type` GGUF by the project's writer, in the cache: reused when a file of the
@@ -352,7 +345,7 @@ export function ggufOf(model: string, type: GgufType, opts: GgufOptions = {}): G
   for (const f of fs.readdirSync(cacheDir)) {
     if (!f.startsWith(`${stem}-`)) continue;
     const tmp = /\.(\d+)\.tmp\.gguf(\.partial)?$/.exec(f);
-    if (tmp === null ? f !== name : !alive(Number(tmp[1]))) fs.rmSync(path.join(cacheDir, f), { force: true });
+    if (tmp === null ? f !== name : !isAlive(Number(tmp[1]))) fs.rmSync(path.join(cacheDir, f), { force: true });
   }
   const tmp = path.join(cacheDir, `${name.replace(/\.gguf$/, '')}.${process.pid}.tmp.gguf`);
   const t0 = performance.now();

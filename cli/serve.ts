@@ -19,6 +19,7 @@ import { buildServer, DEFAULT_BODY_LIMIT, DEFAULT_MAX_CONNECTIONS, DEFAULT_TIMEO
 import { DEFAULT_MAX_QUEUE, ModelHost } from '../server/model_host';
 import { COMMON_HELP, modelPath, parseCommandLine, parseIntFlag, UsageError, type OptionSpec } from './args';
 import { loadForCommand } from './load';
+import { isAlive } from '../runtime/processes';
 
 export const SERVE_HELP = `  npx ts-node one_file_ref.ts serve MODEL [--host 127.0.0.1] [--port 8000] [--api-key KEY]
                       [--model-name NAME] [--max-body-bytes N] [--max-queue N] [--timeout S]
@@ -181,14 +182,6 @@ function watchedAncestors(): number[] {
   return watched;
 }
 
-const alive = (pid: number): boolean => {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-};
 
 export async function serveCommand(argv: string[]): Promise<void> {
   const quiet = argv.includes('--quiet');
@@ -204,7 +197,7 @@ export async function serveCommand(argv: string[]): Promise<void> {
   const signals: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
   for (const s of signals) process.on(s, onSignal);
   const poll = setInterval(() => {
-    if (process.ppid !== parent || !ancestors.every(alive)) requestStop('the parent process is gone');
+    if (process.ppid !== parent || !ancestors.every(isAlive)) requestStop('the parent process is gone');
   }, PARENT_POLL_MS);
   poll.unref();
   try {

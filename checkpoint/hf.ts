@@ -313,16 +313,26 @@ class HfWeights implements WeightReader {
     return toFloat32(this.readRaw(name));
   }
 
-  /** Straight from the shard when its rows are in Mistral's order; wq and wk (permuted in HF) go through readRaw. */
+  /**
+   * Straight from the shard when its rows are in Mistral's order; wq and wk (permuted in HF) go
+   * through readRaw, un-permuted once and kept while their pieces are read (the last one only).
+   */
   readRawInto(name: string, byteOffset: number, target: Uint8Array): void {
     const source = this.sources.get(name);
     if (!source) throw new CheckpointError(this.path, `no tensor named "${name}"`);
     if (!source.heads && source.reader.readRawInto) return source.reader.readRawInto(source.hfName, byteOffset, target);
-    const { data } = this.readRaw(name);
-    target.set(new Uint8Array(data.buffer, data.byteOffset, data.byteLength).subarray(byteOffset, byteOffset + target.length));
+    if (this.unpermuted?.name !== name) {
+      const { data } = this.readRaw(name);
+      this.unpermuted = { name, bytes: new Uint8Array(data.buffer, data.byteOffset, data.byteLength) };
+    }
+    target.set(this.unpermuted.bytes.subarray(byteOffset, byteOffset + target.length));
+    if (byteOffset + target.length >= this.unpermuted.bytes.length) this.unpermuted = null; // its last piece
   }
 
+  private unpermuted: { name: string; bytes: Uint8Array } | null = null;
+
   close(): void {
+    this.unpermuted = null;
     for (const reader of this.readers) reader.close();
   }
 }

@@ -202,22 +202,32 @@ export function withNonFiniteCheck(reader: WeightReader, report: (finding: NonFi
     }
     return raw;
   };
-  // A tensor read in pieces (readRawInto) is scanned piece by piece; its first piece with NaN or
-  // Inf is reported, with that piece's counts and the index within the tensor.
-  const reported = new Set<string>();
+  // A tensor read in pieces (readRawInto: a shard per pool thread, or rows a few MB at a time) is
+  // scanned piece by piece, the counts summed over its pieces and reported once all are read.
+  const pieces = new Map<string, { nan: number; inf: number; first: number; bytes: number }>();
   const readRawInto = reader.readRawInto && ((name: string, byteOffset: number, target: Uint8Array): void => {
     reader.readRawInto!(name, byteOffset, target);
     const info = reader.tensors.get(name);
-    if (info === undefined || reported.has(name)) return;
+    if (info === undefined || scanned.has(name)) return;
     const size = BYTES_PER_ELEMENT[info.dtype];
     if (byteOffset % size !== 0 || target.byteOffset % size !== 0 || target.length % size !== 0) return;
     const view = info.dtype === 'float32'
       ? new Float32Array(target.buffer, target.byteOffset, target.length / 4)
       : new Uint16Array(target.buffer, target.byteOffset, target.length / 2);
     const found = findNonFinite(info.dtype, view);
+    const sum = pieces.get(name) ?? { nan: 0, inf: 0, first: -1, bytes: 0 };
+    pieces.set(name, sum);
+    sum.bytes += target.length;
     if (found) {
-      reported.add(name);
-      report({ file: reader.path, tensor: name, numel: info.numel, ...found, first: found.first + byteOffset / size });
+      sum.nan += found.nan;
+      sum.inf += found.inf;
+      const first = found.first + byteOffset / size;
+      if (sum.first < 0 || first < sum.first) sum.first = first;
+    }
+    if (sum.bytes >= info.numel * size) {
+      scanned.add(name);
+      pieces.delete(name);
+      if (sum.first >= 0) report({ file: reader.path, tensor: name, numel: info.numel, nan: sum.nan, inf: sum.inf, first: sum.first });
     }
   });
   // Q8_0 blocks: a scale of Inf or NaN (f16 exponent 31) makes its 32 weights non-finite.
@@ -228,8 +238,10 @@ export function withNonFiniteCheck(reader: WeightReader, report: (finding: NonFi
       const h = blocks[at] | (blocks[at + 1] << 8);
       if ((h & 0x7c00) !== 0x7c00) continue;
       if (count.first < 0) count.first = (at / 34) * 32;
-      if (h & 0x3ff) count.nan += 32;
-      else count.inf += 32;
+      // A NaN scale makes 32 NaN; an infinite one makes Inf, except times q = 0, which is NaN.
+      const zeros = h & 0x3ff ? 32 : blocks.subarray(at + 2, at + 34).reduce((n, q) => n + (q === 0 ? 1 : 0), 0);
+      count.nan += zeros;
+      count.inf += 32 - zeros;
     }
     if (count.first >= 0) report({ file: reader.path, tensor: name, numel: (blocks.length / 34) * 32, ...count });
     return blocks;

@@ -38,6 +38,7 @@ export async function convertCommand(argv: string[]): Promise<void> {
     return;
   }
   const model = modelPath(positionals);
+  if (values.quantize !== undefined) throw new UsageError('convert takes --type q8_0; --quantize is for the commands that run the model');
   const out = values.out;
   if (out === undefined) throw new UsageError('convert needs --out FILE.gguf');
   const typeFlag = values.type ?? 'f16';

@@ -18,10 +18,8 @@ export interface CommonFlags {
   quiet?: boolean;
 }
 
-/** Options for loadModel/demo from the common flags; `loaded()` tells when the weights were all read. */
-export function loadOptions(flags: CommonFlags, maxBatchSize: number): LoadOptions & { loadedAt: () => number } {
-  const progress = createProgress('loading weights', { quiet: flags.quiet });
-  let loadedAt = 0;
+/** The loading flags checked (one-line UsageErrors), before anything starts: serve calls it before binding. */
+export function checkLoadFlags(flags: CommonFlags): Pick<LoadOptions, 'pool' | 'threads' | 'quantize'> {
   const pool = flags.pool ?? 'auto';
   if (pool !== 'on' && pool !== 'off' && pool !== 'auto') throw new UsageError(`--pool must be on, off or auto, got "${pool}"`);
   const quantize = flags.quantize;
@@ -29,11 +27,21 @@ export function loadOptions(flags: CommonFlags, maxBatchSize: number): LoadOptio
   if (quantize !== undefined && pool === 'off') throw new UsageError('--quantize q8_0 runs on the compute pool: it cannot be used with --pool off');
   if (quantize !== undefined && flags['low-memory']) throw new UsageError('--quantize q8_0 runs on the compute pool: it cannot be used with --low-memory');
   return {
-    maxBatchSize,
-    lowMemory: flags['low-memory'] ? true : 'auto',
     pool,
     threads: flags.threads === undefined ? undefined : parseIntFlag('threads', flags.threads, 0, 1),
     ...(quantize !== undefined && { quantize }),
+  };
+}
+
+/** Options for loadModel/demo from the common flags; `loaded()` tells when the weights were all read. */
+export function loadOptions(flags: CommonFlags, maxBatchSize: number): LoadOptions & { loadedAt: () => number } {
+  const checked = checkLoadFlags(flags);
+  const progress = createProgress('loading weights', { quiet: flags.quiet });
+  let loadedAt = 0;
+  return {
+    maxBatchSize,
+    lowMemory: flags['low-memory'] ? true : 'auto',
+    ...checked,
     onDecision: (line) => {
       if (!flags.quiet) process.stderr.write(`${line}\n`);
     },

@@ -18,7 +18,7 @@ import { withModel } from '../generation/generate';
 import { buildServer, DEFAULT_BODY_LIMIT, DEFAULT_MAX_CONNECTIONS, DEFAULT_TIMEOUT_SECONDS, serverUrl } from '../server/app';
 import { DEFAULT_MAX_QUEUE, ModelHost } from '../server/model_host';
 import { COMMON_HELP, modelPath, parseCommandLine, parseIntFlag, UsageError, type OptionSpec } from './args';
-import { loadForCommand } from './load';
+import { checkLoadFlags, loadForCommand } from './load';
 import { isAlive } from '../runtime/processes';
 
 export const SERVE_HELP = `  npx ts-node one_file_ref.ts serve MODEL [--host 127.0.0.1] [--port 8000] [--api-key KEY]
@@ -95,6 +95,7 @@ export async function startServe(argv: string[], hooks: ServeHooks = {}): Promis
   const maxConnections = parseIntFlag('max-connections', values['max-connections'], DEFAULT_MAX_CONNECTIONS, 1);
   const apiKey = values['api-key'] ?? process.env.MISTRAL_API_KEY;
   if (apiKey !== undefined && apiKey.trim() === '') throw new UsageError('--api-key must not be empty');
+  checkLoadFlags(values); // --pool, --threads, --quantize: a bad one is an error before binding
   const modelName = values['model-name'] ?? defaultModelName(model);
   if (modelName.trim() === '') throw new UsageError('--model-name must not be empty');
   const say = (line: string): void => {

@@ -196,6 +196,9 @@ export function chooseLowMemory(args: ModelShape, wanted: boolean | 'auto', sour
 export function loadStateDict(args: ModelShape, checkpoint: WeightReader, opts: LoadOptions): { stateDict: StateDict; decision?: string } {
   const expected = stateDictShapes(args);
   const lease = opts.computePool ?? null;
+  if (opts.quantize === 'q8_0' && lease === null) {
+    throw new Error('quantize q8_0 runs on the compute pool: load through Transformer.fromFolder or loadModel (withComputePool), not with computePool null');
+  }
   try {
     checkStateDict(checkpoint.path, expected, checkpoint.tensors);
   } catch (err) {

@@ -262,6 +262,30 @@ describe('NaN and Inf among the weights', () => {
     expect(nonFiniteWarning([])).toBeNull();
   });
 
+  it('read in pieces straight into the compute pool (shards, --quantize pieces): the same counts as read whole, for any thread count', async () => {
+    const { dir, first } = corruptedModel();
+    const file = path.join(dir, 'consolidated.safetensors');
+    const bytes = fs.readFileSync(file);
+    const headerLength = Number(bytes.readBigUInt64LE(0));
+    const header = JSON.parse(bytes.toString('utf8', 8, 8 + headerLength)) as Record<string, { data_offsets: [number, number] }>;
+    const [start, end] = header[first].data_offsets;
+    bytes.writeUInt16LE(BF16_NAN, 8 + headerLength + end - 2); // the last value: in the last shard and piece
+    fs.writeFileSync(file, bytes);
+    const numel = (end - start) / 2;
+    const counts = async (opts: Parameters<typeof loadModel>[1]): Promise<number[][]> => {
+      const heard: NonFiniteWeights[] = [];
+      const loaded = await reportNonFiniteWeights((f) => heard.push(f), () => loadModel(dir, { ...opts, onDecision: () => undefined }));
+      loaded.transformer.dispose();
+      return heard.filter((f) => f.tensor === first).map((f) => [f.nan, f.inf, f.first, f.numel]);
+    };
+    const whole = await counts({ pool: 'off' });
+    expect(whole).toEqual([[2, 1, 5, numel]]);
+    for (const threads of [1, 2, 3]) {
+      expect(await counts({ pool: 'on', threads }), `pool, ${threads} threads`).toEqual(whole);
+      expect(await counts({ quantize: 'q8_0', threads }), `--quantize q8_0, ${threads} threads`).toEqual(whole);
+    }
+  });
+
   it('a clean model: no findings and no warning', async () => {
     const heard: NonFiniteWeights[] = [];
     const loaded = await reportNonFiniteWeights((f) => heard.push(f), () => loadModel(path.join(FIXTURES, 'tiny')));

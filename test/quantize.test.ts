@@ -12,7 +12,8 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { loadModel } from '../one_file_ref';
+import { openModel } from '../checkpoint';
+import { loadModel, Transformer } from '../one_file_ref';
 import { closeComputePools } from '../model/pooled';
 import { runCommand } from './run_command';
 
@@ -70,6 +71,21 @@ describe('--quantize q8_0', () => {
     expect(q8.kl_divergence.top1_agreement).toBeGreaterThanOrEqual(0.97);
     expect(q8.kl_divergence.mean_kl).toBeGreaterThan(0); // the weights really are quantized
     expect(q8.kl_divergence.mean_kl).toBeLessThan(1e-3);
+  });
+
+  it('convert refuses --quantize (its own --type q8_0 does that); a loader without a pool refuses quantize', async () => {
+    await expect(runCommand(['convert', TINY, '--out', path.join(dir, 'x.gguf'), '--quantize', 'q8_0'])).rejects.toThrow(
+      /^convert takes --type q8_0; --quantize is for the commands that run the model$/,
+    );
+    expect(fs.existsSync(path.join(dir, 'x.gguf'))).toBe(false);
+    const files = await openModel(TINY);
+    try {
+      expect(() => Transformer.fromCheckpoint(files.params, files.paramsFile, files.weights, { quantize: 'q8_0' })).toThrow(
+        /^quantize q8_0 runs on the compute pool: load through Transformer.fromFolder or loadModel \(withComputePool\), not with computePool null$/,
+      );
+    } finally {
+      files.close();
+    }
   });
 
   it('bad flags: one line each', async () => {

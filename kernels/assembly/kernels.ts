@@ -329,7 +329,7 @@ export function matmul_f32(w: usize, x: usize, y: usize, rows: i32, cols: i32, T
 // Layouts
 //   W  [rows, cols], cols a multiple of 32, nb = cols / 32 blocks per row. llama.cpp's block_q8_0
 //      (an f16 scale d, then 32 int8 q; W[r, 32b + i] = d * q[i]) is repacked by the host (the pool)
-//      into panels of 4 rows: panel p holds rows 4p .. 4p+3 (rows past `rows` are zero) and, for
+//      into panels of 4 rows: panel p holds rows 4p .. 4p+3 (places past `rows` are never stored) and, for
 //      each block b in order, 144 bytes: the 4 rows' scales d as float32 (decoded from f16 exactly),
 //      then the 4 rows' 32 q each (row 4p+k at byte 16 + 32k). Panel p at w + p * nb * 144. The
 //      values are llama.cpp's; only their places change, so that a block's loads are aligned and

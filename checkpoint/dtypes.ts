@@ -5,10 +5,10 @@
 import * as os from 'os';
 import type { RawTensor } from './types';
 
-/** float16 bits -> float32 bits for all 65536 halves, built on first use. */
+/** float16 bits -> float32 bits for all 65536 halves, built on first use (also the compute pool's Q8_0 scales). */
 let halfTable: Uint32Array | null = null;
 
-function halfToFloatTable(): Uint32Array {
+export function halfToFloatTable(): Uint32Array {
   if (halfTable) return halfTable;
   const table = new Uint32Array(65536);
   const asFloat = new Float32Array(table.buffer);

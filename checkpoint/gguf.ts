@@ -33,7 +33,7 @@ import { toFloat32 } from './dtypes';
 import { CheckpointError } from './errors';
 import { readExactly } from './files';
 import type { MistralParams } from './hf';
-import type { RawTensor, WeightDtype, WeightInfo, WeightReader } from './types';
+import { Q8_0_BLOCK, Q8_0_BLOCK_BYTES, type RawTensor, type WeightDtype, type WeightInfo, type WeightReader } from './types';
 
 export const GGUF_MAGIC = 'GGUF';
 export const GGUF_DEFAULT_ALIGNMENT = 32;
@@ -76,9 +76,7 @@ const GGML_TYPE_NAMES: Record<number, string> = {
 
 export const ggmlTypeName = (type: number): string => GGML_TYPE_NAMES[type] ?? `unknown type ${type}`;
 
-/** Q8_0: blocks of 32 weights, each an f16 scale d then 32 int8 q; weight = d * q. */
-export const Q8_0_BLOCK = 32;
-export const Q8_0_BLOCK_BYTES = 34;
+export { Q8_0_BLOCK, Q8_0_BLOCK_BYTES };
 
 /** The largest number of dims a ggml tensor has. */
 const GGML_MAX_DIMS = 4;

@@ -15,7 +15,7 @@ import { findHfWeights, HF_WEIGHT_FILES, openHfFolder, readJson } from './hf';
 import { openPth } from './pth';
 import { findNonFinite, type NonFiniteWeights } from './finite';
 import { openSafetensors } from './safetensors';
-import { BYTES_PER_ELEMENT, type RawTensor, type WeightReader } from './types';
+import { BYTES_PER_ELEMENT, Q8_0_BLOCK, Q8_0_BLOCK_BYTES, type RawTensor, type WeightReader } from './types';
 
 export type ModelFormat = 'folder' | 'folder-safetensors' | 'tar' | 'hf' | 'gguf';
 
@@ -234,16 +234,17 @@ export function withNonFiniteCheck(reader: WeightReader, report: (finding: NonFi
   const readQ8_0Blocks = reader.readQ8_0Blocks && ((name: string): Uint8Array => {
     const blocks = reader.readQ8_0Blocks!(name);
     const count = { nan: 0, inf: 0, first: -1 };
-    for (let at = 0; at + 34 <= blocks.length; at += 34) {
+    const [n, size] = [Q8_0_BLOCK, Q8_0_BLOCK_BYTES];
+    for (let at = 0; at + size <= blocks.length; at += size) {
       const h = blocks[at] | (blocks[at + 1] << 8);
       if ((h & 0x7c00) !== 0x7c00) continue;
-      if (count.first < 0) count.first = (at / 34) * 32;
-      // A NaN scale makes 32 NaN; an infinite one makes Inf, except times q = 0, which is NaN.
-      const zeros = h & 0x3ff ? 32 : blocks.subarray(at + 2, at + 34).reduce((n, q) => n + (q === 0 ? 1 : 0), 0);
+      if (count.first < 0) count.first = (at / size) * n;
+      // A NaN scale makes n NaN; an infinite one makes Inf, except times q = 0, which is NaN.
+      const zeros = h & 0x3ff ? n : blocks.subarray(at + 2, at + size).reduce((z, q) => z + (q === 0 ? 1 : 0), 0);
       count.nan += zeros;
-      count.inf += 32 - zeros;
+      count.inf += n - zeros;
     }
-    if (count.first >= 0) report({ file: reader.path, tensor: name, numel: (blocks.length / 34) * 32, ...count });
+    if (count.first >= 0) report({ file: reader.path, tensor: name, numel: (blocks.length / size) * n, ...count });
     return blocks;
   });
   return {

@@ -8,6 +8,10 @@ export type WeightDtype = 'bfloat16' | 'float16' | 'float32';
 
 export const BYTES_PER_ELEMENT: Readonly<Record<WeightDtype, number>> = { bfloat16: 2, float16: 2, float32: 4 };
 
+/** Q8_0 (llama.cpp's, in GGUF files): blocks of 32 weights, each an f16 scale d then 32 int8 q; weight = d * q. */
+export const Q8_0_BLOCK = 32;
+export const Q8_0_BLOCK_BYTES = 34;
+
 /** A tensor's description, known before its data is read. */
 export interface WeightInfo {
   readonly dtype: WeightDtype;

@@ -23,6 +23,7 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { Worker, MessageChannel, MessagePort } from 'worker_threads';
+import { halfToFloatTable } from '../checkpoint/dtypes';
 // eslint-disable-next-line @typescript-eslint/no-require-imports
 const P = require('./protocol.cjs') as Protocol;
 
@@ -143,19 +144,6 @@ function shardBytes(dtype: WeightDtype, rows: number, cols: number, rowBytes: nu
   return dtype === 'q8_0' ? Math.ceil(rows / 4) * (cols / 32) * Q8_PANEL_BLOCK : rows * rowBytes;
 }
 
-/** Every f16 bit pattern as float32 (exact), for Q8_0 scales. */
-let halfTable: Float32Array | null = null;
-function halves(): Float32Array {
-  if (halfTable !== null) return halfTable;
-  const t = new Float32Array(65536);
-  for (let h = 0; h < 65536; h++) {
-    const e = (h >> 10) & 31;
-    const m = h & 1023;
-    const v = e === 0 ? m * 2 ** -24 : e === 31 ? (m === 0 ? Infinity : NaN) : (1 + m / 1024) * 2 ** (e - 15);
-    t[h] = h & 0x8000 ? -v : v;
-  }
-  return (halfTable = t);
-}
 
 interface Job {
   readonly thread: number;
@@ -360,7 +348,7 @@ export class ComputePool {
     if (byteOffset % w.rowBytes !== 0 || bytes.length % w.rowBytes !== 0) {
       throw new Error(`compute pool: weight ${w.name}: q8_0 weights are written in whole rows of ${w.rowBytes} bytes`);
     }
-    const half = halves();
+    const half = new Float32Array(halfToFloatTable().buffer); // f16 bits -> float32 values
     const nb = w.cols / 32;
     const r0 = byteOffset / w.rowBytes;
     const r1 = r0 + bytes.length / w.rowBytes;

@@ -12,7 +12,8 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { openModel } from '../checkpoint';
+import { openModel, reportNonFiniteWeights, type NonFiniteWeights } from '../checkpoint';
+import { openGguf } from '../checkpoint/gguf';
 import { loadModel, Transformer } from '../one_file_ref';
 import { closeComputePools } from '../model/pooled';
 import { runCommand } from './run_command';
@@ -86,6 +87,25 @@ describe('--quantize q8_0', () => {
     } finally {
       files.close();
     }
+  });
+
+  it('an infinite Q8_0 scale: the same NaN/Inf counts whether the blocks go to the pool as they are or are widened (Inf x 0 is NaN)', async () => {
+    const file = path.join(dir, 'inf-scale.gguf');
+    const bytes = fs.readFileSync(path.join(dir, 'tiny-q8_0.gguf'));
+    const g = openGguf(path.join(dir, 'tiny-q8_0.gguf'));
+    const at = g.tensors.get('layers.0.attention.wq.weight')!.fileOffset + 34; // the second block
+    g.close();
+    bytes.writeUInt16LE(0x7c00, at); // +Inf
+    bytes.fill(0, at + 2, at + 5); // three q = 0
+    fs.writeFileSync(file, bytes);
+    const counts = async (pool: 'on' | 'off'): Promise<number[][]> => {
+      const heard: NonFiniteWeights[] = [];
+      const loaded = await reportNonFiniteWeights((f) => heard.push(f), () => loadModel(file, { pool, onDecision: () => undefined }));
+      loaded.transformer.dispose();
+      return heard.map((f) => [f.nan, f.inf, f.first]);
+    };
+    expect(await counts('off')).toEqual([[3, 29, 32]]);
+    expect(await counts('on')).toEqual([[3, 29, 32]]);
   });
 
   it('bad flags: one line each', async () => {

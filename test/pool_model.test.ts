@@ -161,6 +161,29 @@ describe('the compute pool over long decodes and faults', () => {
     expect(await threadsSettle(before)).toBeLessThanOrEqual(before);
   });
 
+  it('serve --quantize q8_0: 8 concurrent requests and one dropped stream all answered as one alone; stop() leaves no pool thread', async () => {
+    const before = osThreads();
+    const server = (await startServe([TINY, '--port', '0', '--quiet', '--quantize', 'q8_0', '--threads', '2']))!;
+    try {
+      const post = (body: object, signal?: AbortSignal): Promise<Response> =>
+        fetch(`${server.url}/v1/completions`, { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify(body), signal });
+      const body = { model: 'tiny', prompt: 'A dog', max_tokens: 6, temperature: 0 };
+      const text = async (r: Promise<Response>): Promise<string> => ((await (await r).json()) as { choices: { text: string }[] }).choices[0].text;
+      const alone = await text(post(body));
+      const controller = new AbortController();
+      const long = await post({ model: 'tiny', prompt: 'Once upon a time', max_tokens: 20_000, temperature: 0, stream: true }, controller.signal);
+      const together = Array.from({ length: 8 }, () => text(post(body)));
+      const reader = long.body!.getReader();
+      for (let chunks = 0; chunks < 3; chunks++) await reader.read();
+      controller.abort();
+      expect(await Promise.all(together)).toEqual(new Array(8).fill(alone));
+    } finally {
+      await server.stop();
+    }
+    await closeComputePools();
+    expect(await threadsSettle(before)).toBeLessThanOrEqual(before);
+  });
+
   it('every layout loads into the pool (straight from .pth, safetensors and HF shards, the .tar\'s stream, HF wq/wk unpermuted): the same logits, bit for bit', async () => {
     const layouts = [TINY, path.join(ROOT, 'fixtures', 'tiny.tar'), ...['tiny-safetensors', 'tiny-hf', 'tiny-hf-bin', 'tiny-hf-sharded'].map((f) => path.join(ROOT, 'fixtures', 'formats', f))];
     const ids = [[1, 100, 200, 300, 400, 17]];

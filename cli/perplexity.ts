@@ -22,7 +22,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 import * as tf from '@tensorflow/tfjs-core';
 import { MAX_POSITIONS } from '../one_file_ref';
-import { modelPath, parseCommandLine, parseIntFlag, UsageError } from './args';
+import { COMMON_HELP, modelPath, parseCommandLine, parseIntFlag, UsageError } from './args';
 import { loadForCommand } from './load';
 
 export const PERPLEXITY_HELP = `  npx ts-node one_file_ref.ts perplexity MODEL --file TEXT [--ctx N] [--json]
@@ -218,7 +218,7 @@ function checkOut(flag: string, file: string): void {
 export async function perplexityCommand(argv: string[]): Promise<void> {
   const { values, positionals } = parseCommandLine(argv, OPTIONS);
   if (values.help) {
-    process.stdout.write(`Usage:\n${PERPLEXITY_HELP}`);
+    process.stdout.write(`Usage:\n${PERPLEXITY_HELP}\n${COMMON_HELP}`); // it loads the model as every model command
     return;
   }
   const model = modelPath(positionals);

@@ -108,6 +108,13 @@ describe('--quantize q8_0', () => {
     expect(await counts('on')).toEqual([[3, 29, 32]]);
   });
 
+  it('every command that loads a model lists --quantize in its --help', async () => {
+    for (const command of ['generate', 'interactive', 'serve', 'logits', 'perplexity']) {
+      const { stdout } = await runCommand([command, '--help']);
+      expect(stdout, command).toContain('--quantize q8_0');
+    }
+  });
+
   it('bad flags: one line each', async () => {
     await expect(runCommand(['generate', TINY, '-p', 'a', '--quantize', 'q4_0'])).rejects.toThrow(/^--quantize must be q8_0, got "q4_0"$/);
     await expect(runCommand(['generate', TINY, '-p', 'a', '--quantize', 'q8_0', '--pool', 'off'])).rejects.toThrow(

@@ -141,6 +141,45 @@ function notAModelFolder(folder: string, has: (name: string) => boolean): Checkp
   return new CheckpointError(folder, `${NOT_A_MODEL} (this folder has ${present.length ? present.join(', ') : 'none of those files'})`);
 }
 
+/** What a wrapping reader is told after each read: the tensor's name and what was read. */
+interface ReadHooks {
+  raw(name: string, raw: RawTensor): void;
+  into(name: string, byteOffset: number, target: Uint8Array): void;
+  q8(name: string, blocks: Uint8Array): void;
+}
+
+/**
+ * `reader` with `hooks` told of every read. Every member is forwarded here, the optional ones as
+ * the reader has them, so a wrapper cannot drop one (a new read method gets its hook here).
+ */
+function observeReads(reader: WeightReader, hooks: ReadHooks): WeightReader {
+  const readRaw = (name: string): RawTensor => {
+    const raw = reader.readRaw(name);
+    hooks.raw(name, raw);
+    return raw;
+  };
+  return {
+    path: reader.path,
+    tensors: reader.tensors,
+    readRaw,
+    read: (name: string): Float32Array => toFloat32(readRaw(name)),
+    ...(reader.readRawInto && {
+      readRawInto: (name: string, byteOffset: number, target: Uint8Array): void => {
+        reader.readRawInto!(name, byteOffset, target);
+        hooks.into(name, byteOffset, target);
+      },
+    }),
+    ...(reader.readQ8_0Blocks && {
+      readQ8_0Blocks: (name: string): Uint8Array => {
+        const blocks = reader.readQ8_0Blocks!(name);
+        hooks.q8(name, blocks);
+        return blocks;
+      },
+    }),
+    close: () => reader.close(),
+  };
+}
+
 /**
  * `reader` with `onProgress(bytesDone, bytesTotal)` called after each tensor is read, counting each
  * tensor's stored bytes once; bytesTotal is the sum over all its tensors.
@@ -157,34 +196,7 @@ export function withProgress(reader: WeightReader, onProgress: ProgressCallback)
     if (info) done += info.numel * BYTES_PER_ELEMENT[info.dtype];
     onProgress(done, total);
   };
-  return {
-    path: reader.path,
-    tensors: reader.tensors,
-    readRaw(name: string): RawTensor {
-      const raw = reader.readRaw(name);
-      count(name);
-      return raw;
-    },
-    read(name: string): Float32Array {
-      const data = reader.read(name);
-      count(name);
-      return data;
-    },
-    ...(reader.readRawInto && {
-      readRawInto: (name: string, byteOffset: number, target: Uint8Array): void => {
-        reader.readRawInto!(name, byteOffset, target);
-        count(name);
-      },
-    }),
-    ...(reader.readQ8_0Blocks && {
-      readQ8_0Blocks: (name: string): Uint8Array => {
-        const blocks = reader.readQ8_0Blocks!(name);
-        count(name);
-        return blocks;
-      },
-    }),
-    close: () => reader.close(),
-  };
+  return observeReads(reader, { raw: count, into: count, q8: count });
 }
 
 /**
@@ -193,20 +205,16 @@ export function withProgress(reader: WeightReader, onProgress: ProgressCallback)
  */
 export function withNonFiniteCheck(reader: WeightReader, report: (finding: NonFiniteWeights) => void): WeightReader {
   const scanned = new Set<string>();
-  const readRaw = (name: string): RawTensor => {
-    const raw = reader.readRaw(name);
-    if (!scanned.has(name)) {
-      scanned.add(name);
-      const found = findNonFinite(raw.dtype, raw.data);
-      if (found) report({ file: reader.path, tensor: name, numel: raw.data.length, ...found });
-    }
-    return raw;
+  const raw = (name: string, tensor: RawTensor): void => {
+    if (scanned.has(name)) return;
+    scanned.add(name);
+    const found = findNonFinite(tensor.dtype, tensor.data);
+    if (found) report({ file: reader.path, tensor: name, numel: tensor.data.length, ...found });
   };
   // A tensor read in pieces (readRawInto: a shard per pool thread, or rows a few MB at a time) is
   // scanned piece by piece, the counts summed over its pieces and reported once all are read.
   const pieces = new Map<string, { nan: number; inf: number; first: number; bytes: number }>();
-  const readRawInto = reader.readRawInto && ((name: string, byteOffset: number, target: Uint8Array): void => {
-    reader.readRawInto!(name, byteOffset, target);
+  const into = (name: string, byteOffset: number, target: Uint8Array): void => {
     const info = reader.tensors.get(name);
     if (info === undefined || scanned.has(name)) return;
     const size = BYTES_PER_ELEMENT[info.dtype];
@@ -229,10 +237,9 @@ export function withNonFiniteCheck(reader: WeightReader, report: (finding: NonFi
       pieces.delete(name);
       if (sum.first >= 0) report({ file: reader.path, tensor: name, numel: info.numel, nan: sum.nan, inf: sum.inf, first: sum.first });
     }
-  });
-  // Q8_0 blocks: a scale of Inf or NaN (f16 exponent 31) makes its 32 weights non-finite.
-  const readQ8_0Blocks = reader.readQ8_0Blocks && ((name: string): Uint8Array => {
-    const blocks = reader.readQ8_0Blocks!(name);
+  };
+  // Q8_0 blocks: a scale of Inf or NaN (f16 exponent 31) makes its weights non-finite.
+  const q8 = (name: string, blocks: Uint8Array): void => {
     const count = { nan: 0, inf: 0, first: -1 };
     const [n, size] = [Q8_0_BLOCK, Q8_0_BLOCK_BYTES];
     for (let at = 0; at + size <= blocks.length; at += size) {
@@ -245,17 +252,8 @@ export function withNonFiniteCheck(reader: WeightReader, report: (finding: NonFi
       count.inf += n - zeros;
     }
     if (count.first >= 0) report({ file: reader.path, tensor: name, numel: (blocks.length / size) * n, ...count });
-    return blocks;
-  });
-  return {
-    path: reader.path,
-    tensors: reader.tensors,
-    readRaw,
-    ...(readRawInto && { readRawInto }),
-    ...(readQ8_0Blocks && { readQ8_0Blocks }),
-    read: (name: string): Float32Array => toFloat32(readRaw(name)),
-    close: () => reader.close(),
   };
+  return observeReads(reader, { raw, into, q8 });
 }
 
 /** The folder's tokenizer.model, which every folder format needs. */

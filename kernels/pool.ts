@@ -508,7 +508,16 @@ export class ComputePool {
         jobs.push({ thread: s.thread, mem: s.mem, kind: P.KIND_SCAN, w: s.ptr, x: 0, y: 0, rows: n, cols: 0, T: 0, scratch: 0 });
       }
     }
-    this.run(jobs);
+    // In rounds of at most MAX_JOBS jobs per thread (the control block's room).
+    for (let done = 0; done < jobs.length; ) {
+      const counts = new Array<number>(this.threads).fill(0);
+      const round: Job[] = [];
+      while (done < jobs.length && counts[jobs[done].thread] < P.MAX_JOBS) {
+        counts[jobs[done].thread]++;
+        round.push(jobs[done++]);
+      }
+      this.run(round);
+    }
     return bytes;
   }
 
@@ -640,6 +649,7 @@ export class ComputePool {
     const u32 = this.controlU32;
     for (const job of jobs) {
       if (job.thread === 0) continue;
+      if (counts[job.thread] === P.MAX_JOBS) throw new Error(`compute pool: more than ${P.MAX_JOBS} jobs for thread ${job.thread} in one call`);
       const base = P.JOBS + (job.thread - 1) * P.STRIDE;
       const o = base + 1 + counts[job.thread]++ * P.FIELDS;
       u32[o] = job.kind;

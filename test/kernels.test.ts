@@ -294,6 +294,15 @@ describe('kernels: reproducible', () => {
     expect(() => p.write(h, 120, new Uint8Array(16))).toThrow(/^compute pool: weight w: bytes \[120, 136\) outside its 128 bytes$/);
     expect(() => p.addWeight('v', 0, 8, 'f32')).toThrow(/rows and cols must be positive integers/);
   });
+
+  it('scan() reads more weights than one call has room for (16 jobs a thread) in rounds, and counts every byte', async () => {
+    const p = await pool(2);
+    // 40 weights of 8 rows x 64 bf16 (1,024 bytes, 512 a shard): 40 jobs a thread, beyond the 16 of the control block.
+    const hs = Array.from({ length: 40 }, (_, i) => p.addWeight(`s${i}`, 8, 64, 'bf16'));
+    expect(p.scan(hs)).toBe(40 * 8 * 64 * 2);
+    const y = p.matmul(hs[0], new Float32Array(64), 1); // the pool still works
+    expect(Array.from(y)).toEqual(new Array(8).fill(0));
+  });
 });
 
 describe('kernels: build', () => {

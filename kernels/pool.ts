@@ -43,7 +43,7 @@ const WebAssembly = (globalThis as unknown as { WebAssembly: WasmApi }).WebAssem
 interface Protocol {
   SEQ: number; PENDING: number; FAULT: number; OP: number; KILL: number; MSG_LEN: number;
   OP_RUN: number; OP_TAKE_MEMORIES: number; OP_STOP: number;
-  KIND_BF16: number; KIND_F16: number; KIND_F32: number; KIND_SCAN: number; KIND_Q8_0: number;
+  KIND_BF16: number; KIND_F16: number; KIND_F32: number; KIND_SCAN: number; KIND_Q8_0: number; KIND_QUANTIZE: number;
   JOBS: number; MAX_JOBS: number; FIELDS: number; STRIDE: number; MSG_BYTES: number;
   words(threads: number): number;
 }
@@ -103,7 +103,6 @@ interface Memory {
   readonly memory: WasmMemory;
   readonly index: number; // among its thread's memories
   kernels?: Kernels; // the main thread's own memories only
-  loader?: Kernels; // any thread's memory: an instance on the main thread for quantizing while loading
   top: number; // first free byte after the weights
   ioStart: number; // inputs, outputs and kernel scratch live at [ioStart, ioStart + ioBytes), above top
   ioBytes: number;
@@ -378,7 +377,9 @@ export class ComputePool {
    * llama.cpp's quantize_row_q8_0_ref does (quantize_q8_0 in kernels/assembly/kernels.ts), a few MB
    * of rows at a time: `read(rowStart, target)` fills `target` with the weight's rows from
    * `rowStart` on, as stored (target.length / (cols * element size) rows), in a staging area of the
-   * memory that will hold them, so the float weight is never held whole.
+   * memory that will hold them, so the float weight is never held whole. Each thread quantizes its
+   * own rows: in each round the main thread reads a piece for every worker, starts them, reads its
+   * own piece while they work, then quantizes it.
    */
   quantizeFrom(handle: WeightHandle, source: 'bf16' | 'f16' | 'f32', read: (rowStart: number, target: Uint8Array) => void): void {
     this.usable();
@@ -387,15 +388,26 @@ export class ComputePool {
     const inRow = w.cols * (source === 'f32' ? 4 : 2);
     const per = Math.max(4, Math.floor((4 << 20) / inRow / 4) * 4); // rows per piece, whole panels
     const panelBytes = (w.cols / 32) * Q8_PANEL_BLOCK;
-    for (const s of w.shards) {
-      const mem = s.mem;
-      mem.loader ??= mem.kernels ?? (new WebAssembly.Instance(this.module, { env: { memory: mem.memory } }).exports as unknown as Kernels);
-      this.ensureIo(mem, align(Math.min(per, s.rowEnd - s.rowStart) * inRow));
-      for (let r = s.rowStart; r < s.rowEnd; r += per) {
+    for (const s of w.shards) this.ensureIo(s.mem, align(Math.min(per, s.rowEnd - s.rowStart) * inRow));
+    const next = w.shards.map((s) => s.rowStart); // each shard's first row not yet quantized
+    for (;;) {
+      const jobs: Job[] = [];
+      let own: (() => void) | undefined;
+      w.shards.forEach((s, i) => {
+        const r = next[i];
+        if (r >= s.rowEnd) return;
         const n = Math.min(per, s.rowEnd - r);
-        read(r, new Uint8Array(mem.memory.buffer, mem.ioStart, n * inRow));
-        mem.loader.quantize_q8_0(mem.ioStart, DTYPES[source].kind, n, w.cols, s.ptr + ((r - s.rowStart) / 4) * panelBytes);
-      }
+        next[i] = r + n;
+        const fill = (): void => read(r, new Uint8Array(s.mem.memory.buffer, s.mem.ioStart, n * inRow));
+        if (s.thread === 0) own = fill;
+        else fill();
+        jobs.push({
+          thread: s.thread, mem: s.mem, kind: P.KIND_QUANTIZE, w: s.ptr + ((r - s.rowStart) / 4) * panelBytes, x: s.mem.ioStart, y: 0,
+          rows: n, cols: w.cols, T: DTYPES[source].kind, scratch: 0,
+        });
+      });
+      if (jobs.length === 0) return;
+      this.run(jobs, own);
     }
   }
 
@@ -643,8 +655,12 @@ export class ComputePool {
     }
   }
 
-  /** Runs the jobs: the workers' through the control block, the main thread's here, then waits. */
-  private run(jobs: Job[]): void {
+  /**
+   * Runs the jobs: the workers' through the control block, the main thread's here, then waits.
+   * `beforeOwn` runs once the workers are started, before the main thread's jobs; if it throws,
+   * those are skipped and its error is rethrown as it is once the workers are done.
+   */
+  private run(jobs: Job[], beforeOwn?: () => void): void {
     const counts = new Array<number>(this.threads).fill(0);
     const u32 = this.controlU32;
     for (const job of jobs) {
@@ -665,20 +681,29 @@ export class ComputePool {
     for (let k = 1; k < this.threads; k++) u32[P.JOBS + (k - 1) * P.STRIDE] = counts[k];
     if (this.threads > 1) this.dispatch(P.OP_RUN);
     let error: unknown = null;
+    let ownFailed = false;
+    let ownError: unknown;
     try {
-      for (const job of jobs) {
+      beforeOwn?.();
+    } catch (err) {
+      [ownFailed, ownError] = [true, err];
+    }
+    try {
+      for (const job of ownFailed ? [] : jobs) {
         if (job.thread !== 0) continue;
         const k = job.mem.kernels!;
         if (job.kind === P.KIND_BF16) k.matmul_bf16(job.w, job.x, job.y, job.rows, job.cols, job.T, job.scratch);
         else if (job.kind === P.KIND_F16) k.matmul_f16(job.w, job.x, job.y, job.rows, job.cols, job.T, job.scratch);
         else if (job.kind === P.KIND_F32) k.matmul_f32(job.w, job.x, job.y, job.rows, job.cols, job.T, job.scratch);
         else if (job.kind === P.KIND_Q8_0) k.matmul_q8_0(job.w, job.x, job.y, job.rows, job.cols, job.T, job.scratch);
+        else if (job.kind === P.KIND_QUANTIZE) k.quantize_q8_0(job.x, job.T, job.rows, job.cols, job.w);
         else k.scan(job.w, job.rows);
       }
     } catch (err) {
       error = err;
     }
     if (this.threads > 1) this.await();
+    if (ownFailed) throw ownError;
     if (error !== null) throw new Error(`compute pool: main thread: ${oneLine(error)}`);
   }
 }

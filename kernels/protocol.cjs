@@ -26,6 +26,7 @@ module.exports = Object.freeze({
   KIND_F32: 2,
   KIND_SCAN: 3,
   KIND_Q8_0: 4, // llama.cpp's Q8_0 blocks (matmul_q8_0)
+  KIND_QUANTIZE: 5, // float rows quantized into Q8_0 panels while loading (quantize_q8_0: x = source, T = its element type, w = panels)
   // Worker k's jobs (k = 1..N-1) start at JOBS + (k - 1) * STRIDE: a count, then up to MAX_JOBS
   // jobs of FIELDS words: kind, memory index, w, x, y, rows, cols, T, scratch (addresses as uint32).
   JOBS: 16,

@@ -33,6 +33,7 @@ function runJobs() {
     else if (kind === P.KIND_F16) k.matmul_f16(w, x, y, rows, cols, T, scratch);
     else if (kind === P.KIND_F32) k.matmul_f32(w, x, y, rows, cols, T, scratch);
     else if (kind === P.KIND_Q8_0) k.matmul_q8_0(w, x, y, rows, cols, T, scratch);
+    else if (kind === P.KIND_QUANTIZE) k.quantize_q8_0(x, T, rows, cols, w);
     else if (kind === P.KIND_SCAN) k.scan(w, rows);
     else throw new Error(`worker ${index}: unknown job kind ${kind}`);
   }

@@ -308,6 +308,35 @@ describe('kernels: q8_0', () => {
     }
   });
 
+  it('quantizes on every thread in rounds of a few MB (rows read in any order); a failed read throws as it is, the pool still works', async () => {
+    const p = await pool(2);
+    // 136 rows of 32768 bf16: 64 rows (4 MiB) a piece, so each thread's 68 rows take two rounds.
+    const [rows, cols] = [136, 32768];
+    const w = new Float32Array(rows * cols).map((_, i) => Math.sin(i * 0.013) * 0.05);
+    const stored = new Uint16Array(w.length).map((_, i) => floatToBfloat16(w[i]));
+    const values = new Float32Array(w.length).map((_, i) => f16bf(stored[i]));
+    const bytes = new Uint8Array(stored.buffer);
+    const h = p.addWeight('rounds', rows, cols, 'q8_0');
+    const starts: number[] = [];
+    p.quantizeFrom(h, 'bf16', (rowStart, target) => {
+      starts.push(rowStart);
+      target.set(bytes.subarray(rowStart * cols * 2, rowStart * cols * 2 + target.length));
+    });
+    expect(starts).toEqual([68, 0, 132, 64]); // per round: the worker's piece, then the main thread's
+    const x = randomInput(1, cols, 9);
+    const want = emulate(quantizeQ8_0(values), rows, cols, x, 1);
+    sameBits(p.matmul(h, x, 1), want, 'quantized in rounds on 2 threads');
+    for (const failAt of [0, 68]) { // the main thread's own piece, then a worker's
+      const g = p.addWeight(`fails at ${failAt}`, rows, cols, 'q8_0');
+      const broken = new Error(`disk gone at row ${failAt}`);
+      expect(() => p.quantizeFrom(g, 'bf16', (rowStart, target) => {
+        if (rowStart === failAt) throw broken;
+        target.set(bytes.subarray(rowStart * cols * 2, rowStart * cols * 2 + target.length));
+      })).toThrow(broken);
+    }
+    sameBits(p.matmul(h, x, 1), want, 'after the failed reads');
+  });
+
   it('places scales right at addresses past 2 GiB (no signed 32-bit arithmetic on them)', async () => {
     const p = await pool(1);
     p.addWeight('filler', 1100, 1 << 20, 'bf16'); // 2.2 GB of a memory, never touched: not resident

@@ -308,6 +308,30 @@ describe('kernels: q8_0', () => {
     }
   });
 
+  it('rounds each block scale to f16 as llama.cpp does: ties, subnormals, the largest f16, overflow to infinity', async () => {
+    const p = await pool(2);
+    // One block per row; row i's largest value A_i sets d = A_i / 127. Targets for d: random
+    // magnitudes from 2^-45 to 2^20, and dense sweeps around f16's edges (2^-24, its subnormals,
+    // 2^-14, mantissa ties, 65504 and 65520, where rounding overflows to infinity).
+    const next = rng(11);
+    const targets: number[] = [];
+    for (let i = 0; i < 1200; i++) targets.push(2 ** (next() * 65 - 45) * (1 + next()));
+    for (const edge of [2 ** -25, 2 ** -24, 1.5 * 2 ** -24, 2 ** -15, 2 ** -14, 1 + 2 ** -11, 1 + 3 * 2 ** -11, 65504, 65519, 65520, 65536]) {
+      for (let k = -30; k <= 30; k++) targets.push(edge * (1 + k * 2 ** -14));
+    }
+    const rows = targets.length;
+    const cols = 32;
+    const values = new Float32Array(rows * cols);
+    targets.forEach((t, r) => {
+      for (let j = 0; j < cols; j++) values[r * cols + j] = (next() * 2 - 1) * t * 100;
+      values[r * cols + (r % cols)] = (r & 1 ? -1 : 1) * Math.fround(t * 127);
+    });
+    const h = p.addWeight('scales-f16', rows, cols, 'q8_0');
+    p.quantizeFrom(h, 'f32', (rowStart, target) => target.set(new Uint8Array(values.buffer, rowStart * cols * 4, target.length)));
+    const x = randomInput(1, cols, 12);
+    sameBits(p.matmul(h, x, 1), emulate(quantizeQ8_0(values), rows, cols, x, 1), 'f16 scales of every range');
+  });
+
   it('quantizes on every thread in rounds of a few MB (rows read in any order); a failed read throws as it is, the pool still works', async () => {
     const p = await pool(2);
     // 136 rows of 32768 bf16: 64 rows (4 MiB) a piece, so each thread's 68 rows take two rounds.

@@ -533,29 +533,6 @@ export function matmul_q8_0(w: usize, x: usize, y: usize, rows: i32, cols: i32, 
 //          stores it (the panel holds that f16 value as float32, exactly).
 // NaN weights make the result meaningless here, as in llama.cpp (the loader warns about them).
 
-/** float32 -> f16 bits, rounding to nearest even; overflow to inf (d <= amax / 127 never overflows for finite weights). */
-function f32ToF16(value: f32): u32 {
-  const x = reinterpret<u32>(value);
-  const sign = (x >> 16) & 0x8000;
-  const exponent = <i32>((x >> 23) & 0xff);
-  const mantissa = x & 0x7fffff;
-  if (exponent == 0xff) return sign | 0x7c00 | (mantissa != 0 ? 0x200 | (mantissa >> 13) : 0);
-  const e = exponent - 127 + 15;
-  if (e >= 0x1f) return sign | 0x7c00;
-  if (e <= 0) {
-    if (e < -10) return sign;
-    const m = mantissa | 0x800000;
-    const shift = <u32>(14 - e);
-    const half = m >> shift;
-    const rest = m & ((<u32>1 << shift) - 1);
-    const mid = <u32>1 << (shift - 1);
-    return sign | (half + (rest > mid || (rest == mid && (half & 1) != 0) ? 1 : 0));
-  }
-  const half = (<u32>e << 10) | (mantissa >> 13);
-  const rest = mantissa & 0x1fff;
-  return sign | (half + (rest > 0x1000 || (rest == 0x1000 && (half & 1) != 0) ? 1 : 0));
-}
-
 /** Eight values of row `p` (element type dt) from column c as two float32x4, in column order. */
 // @ts-ignore: decorator
 @inline function load8(dt: i32, p: usize, c: i32, hi: bool): v128 {
@@ -583,46 +560,84 @@ function f32ToF16(value: f32): u32 {
   v128.store64_lane(out, i8x16.narrow_i16x8_s(q16, q16), 0);
 }
 
+/** max |v| over the 32 values of a row's block at `p` + column c (dt elements), as 4 lanes to be maxed. */
+// @ts-ignore: decorator
+@inline function absMax32(dt: i32, row: usize, c: i32): v128 {
+  const m0 = f32x4.max(f32x4.abs(load8(dt, row, c, false)), f32x4.abs(load8(dt, row, c, true)));
+  const m1 = f32x4.max(f32x4.abs(load8(dt, row, c + 8, false)), f32x4.abs(load8(dt, row, c + 8, true)));
+  const m2 = f32x4.max(f32x4.abs(load8(dt, row, c + 16, false)), f32x4.abs(load8(dt, row, c + 16, true)));
+  const m3 = f32x4.max(f32x4.abs(load8(dt, row, c + 24, false)), f32x4.abs(load8(dt, row, c + 24, true)));
+  return f32x4.max(f32x4.max(m0, m1), f32x4.max(m2, m3));
+}
+
+/** [max of m0's lanes, of m1's, of m2's, of m3's] (max is exact: any order gives the same). */
+// @ts-ignore: decorator
+@inline function max4x4(m0: v128, m1: v128, m2: v128, m3: v128): v128 {
+  const a = f32x4.max(v128.shuffle<f32>(m0, m1, 0, 1, 4, 5), v128.shuffle<f32>(m0, m1, 2, 3, 6, 7));
+  const b = f32x4.max(v128.shuffle<f32>(m2, m3, 0, 1, 4, 5), v128.shuffle<f32>(m2, m3, 2, 3, 6, 7));
+  return f32x4.max(v128.shuffle<f32>(a, b, 0, 2, 4, 6), v128.shuffle<f32>(a, b, 1, 3, 5, 7));
+}
+
+/**
+ * d (>= 0 or NaN, float32 lanes) rounded to the nearest f16 value, ties to even, as float32: the
+ * mantissa rounded to 10 bits for normal f16 (d >= 2^-14; a carry moves into the exponent), to a
+ * multiple of 2^-24 below (d + 0.5 - 0.5, exact but for that rounding), 2^16 and up to infinity
+ * (f16's largest is 65504), NaN kept. The same values as converting d to f16 bits and back.
+ */
+// @ts-ignore: decorator
+@inline function roundToF16(d: v128): v128 {
+  const odd = v128.and(i32x4.shr_u(d, 13), i32x4.splat(1));
+  const normal = v128.and(i32x4.add(d, i32x4.add(i32x4.splat(0xfff), odd)), i32x4.splat(0xffffe000));
+  const small = f32x4.sub(f32x4.add(d, f32x4.splat(0.5)), f32x4.splat(0.5));
+  let r = v128.bitselect(normal, small, f32x4.ge(d, f32x4.splat(6.103515625e-5))); // 2^-14
+  r = v128.bitselect(f32x4.splat(Infinity), r, f32x4.ge(r, f32x4.splat(65536)));
+  return v128.bitselect(d, r, f32x4.ne(d, d));
+}
+
+/** Row k (0..3) of a panel's block: its 32 values at row + c times id, rounded, as int8 at `q`. */
+// @ts-ignore: decorator
+@inline function quantizeBlockRow(dt: i32, row: usize, c: i32, id: v128, q: usize): void {
+  quantize8(load8(dt, row, c, false), load8(dt, row, c, true), id, q);
+  quantize8(load8(dt, row, c + 8, false), load8(dt, row, c + 8, true), id, q + 8);
+  quantize8(load8(dt, row, c + 16, false), load8(dt, row, c + 16, true), id, q + 16);
+  quantize8(load8(dt, row, c + 24, false), load8(dt, row, c + 24, true), id, q + 24);
+}
+
 /**
  * Quantizes `rows` rows of `cols` values (element type dt: 0 bf16, 1 f16, 2 f32) at `src` into Q8_0
  * panels at `dst` (the layout of matmul_q8_0), as stated above. Row i goes to panel i / 4, place
  * i % 4: `dst` is the panel of the first row. The places of a last, partial panel past `rows` get
- * zero scales and zero q.
+ * zero scales and zero q. The four rows of a panel go together, so that d, 1 / d and the f16
+ * rounding of each block are done for the four at once, in vector lanes.
  */
 export function quantize_q8_0(src: usize, dt: i32, rows: i32, cols: i32, dst: usize): void {
   const nb = cols >> 5;
   const panelBytes = <usize>nb * Q8_PANEL_BLOCK;
   const rowBytes = <usize>cols << sizeLog2(dt);
-  for (let i = 0; i < ((rows + 3) & ~3); i++) {
-    const panel = dst + <usize>(i >> 2) * panelBytes;
-    const k = <usize>(i & 3);
-    const row = src + <usize>i * rowBytes;
+  const zero = f32x4.splat(0);
+  for (let r0 = 0; r0 < rows; r0 += 4) {
+    const panel = dst + <usize>(r0 >> 2) * panelBytes;
+    const row0 = src + <usize>r0 * rowBytes;
+    const have = min(4, rows - r0); // rows of this panel that exist
     for (let b = 0; b < nb; b++) {
       const at = panel + <usize>b * Q8_PANEL_BLOCK;
-      if (i >= rows) {
-        store<f32>(at + (k << 2), 0);
-        v128.store(at + 16 + (k << 5), i32x4.splat(0));
-        v128.store(at + 16 + (k << 5), i32x4.splat(0), 16);
-        continue;
-      }
       const c = b << 5;
-      const v0 = load8(dt, row, c, false), v1 = load8(dt, row, c, true);
-      const v2 = load8(dt, row, c + 8, false), v3 = load8(dt, row, c + 8, true);
-      const v4 = load8(dt, row, c + 16, false), v5 = load8(dt, row, c + 16, true);
-      const v6 = load8(dt, row, c + 24, false), v7 = load8(dt, row, c + 24, true);
-      const m = f32x4.max(
-        f32x4.max(f32x4.max(f32x4.abs(v0), f32x4.abs(v1)), f32x4.max(f32x4.abs(v2), f32x4.abs(v3))),
-        f32x4.max(f32x4.max(f32x4.abs(v4), f32x4.abs(v5)), f32x4.max(f32x4.abs(v6), f32x4.abs(v7))),
+      const amax = max4x4(
+        absMax32(dt, row0, c),
+        have > 1 ? absMax32(dt, row0 + rowBytes, c) : zero,
+        have > 2 ? absMax32(dt, row0 + 2 * rowBytes, c) : zero,
+        have > 3 ? absMax32(dt, row0 + 3 * rowBytes, c) : zero,
       );
-      const amax = max(max(f32x4.extract_lane(m, 0), f32x4.extract_lane(m, 1)), max(f32x4.extract_lane(m, 2), f32x4.extract_lane(m, 3)));
-      const d: f32 = amax / <f32>127;
-      const id = f32x4.splat(d != 0 ? <f32>1 / d : <f32>0);
-      store<f32>(at + (k << 2), f16ToF32(f32ToF16(d)));
-      const q = at + 16 + (k << 5);
-      quantize8(v0, v1, id, q);
-      quantize8(v2, v3, id, q + 8);
-      quantize8(v4, v5, id, q + 16);
-      quantize8(v6, v7, id, q + 24);
+      const d = f32x4.div(amax, f32x4.splat(127));
+      const id = v128.andnot(f32x4.div(f32x4.splat(1), d), f32x4.eq(d, zero)); // 1 / d, or 0 where d == 0
+      v128.store(at, roundToF16(d));
+      quantizeBlockRow(dt, row0, c, v128.shuffle<f32>(id, id, 0, 0, 0, 0), at + 16);
+      if (have > 1) quantizeBlockRow(dt, row0 + rowBytes, c, v128.shuffle<f32>(id, id, 1, 1, 1, 1), at + 48);
+      else { v128.store(at + 48, zero); v128.store(at + 64, zero); }
+      if (have > 2) quantizeBlockRow(dt, row0 + 2 * rowBytes, c, v128.shuffle<f32>(id, id, 2, 2, 2, 2), at + 80);
+      else { v128.store(at + 80, zero); v128.store(at + 96, zero); }
+      if (have > 3) quantizeBlockRow(dt, row0 + 3 * rowBytes, c, v128.shuffle<f32>(id, id, 3, 3, 3, 3), at + 112);
+      else { v128.store(at + 112, zero); v128.store(at + 128, zero); }
     }
   }
 }

@@ -11,6 +11,7 @@ import * as os from 'os';
 import { initBackend } from '../runtime/backend';
 import { Transformer } from '../one_file_ref';
 import { closeComputePools } from '../model/pooled';
+import { Q8_0_POOL_BYTES_PER_WEIGHT } from '../kernels/pool';
 import { openModel } from '../checkpoint';
 import { BYTES_PER_ELEMENT } from '../checkpoint/types';
 import { emitResult, intFlag, paramsReadPerToken, parseFlags, peakRssBytes, type Params } from './common';
@@ -67,8 +68,8 @@ async function main(): Promise<void> {
   const w1 = transformer.stateDict.get('layers.0.feed_forward.w1.weight');
   const poolThreads = w1?.pooled?.lease.pool.threads ?? 0;
   const lowMemory = poolThreads === 0 && w1?.transposed === null;
-  // Q8_0 in the pool: 32 int8 and a float32 scale per 32 weights (kernels/pool.ts), the bytes each token reads.
-  if (w1?.pooled?.handle.dtype === 'q8_0') storedBytesPerParam = 36 / 32;
+  // Q8_0 in the pool: 32 int8 and a float32 scale per 32 weights, the bytes each token reads.
+  if (w1?.pooled?.handle.dtype === 'q8_0') storedBytesPerParam = Q8_0_POOL_BYTES_PER_WEIGHT;
 
   const runs: RunTimes[] = [];
   for (let r = 0; r < reps; r++) {

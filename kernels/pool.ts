@@ -138,6 +138,8 @@ const align = (n: number): number => Math.ceil(n / ALIGN) * ALIGN;
 
 /** Q8_0 in the pool: panels of 4 rows, per block of 32 columns 4 float32 scales then 4 x 32 int8 (see kernels.ts). */
 const Q8_PANEL_BLOCK = 144;
+/** Bytes a Q8_0 weight takes in the pool per weight (its scales decoded to float32): 36 per 32. */
+export const Q8_0_POOL_BYTES_PER_WEIGHT = Q8_PANEL_BLOCK / (4 * 32);
 /** Bytes a shard of `rows` rows takes in memory. */
 function shardBytes(dtype: WeightDtype, rows: number, cols: number, rowBytes: number): number {
   return dtype === 'q8_0' ? Math.ceil(rows / 4) * (cols / 32) * Q8_PANEL_BLOCK : rows * rowBytes;

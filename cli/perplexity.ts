@@ -31,7 +31,7 @@ export const PERPLEXITY_HELP = `  npx ts-node one_file_ref.ts perplexity MODEL -
       scored on its second half; the running value per window on stderr, the final one with its
       standard error and tokens/s on stdout (--json: one JSON object).
       --save-logits F     keep this run's log-probabilities in F (full for small vocabularies,
-                          else the top 32 per token)
+                          else the top 32 per token; one file holds about 1.4 M scored tokens)
       --kl-divergence F   compare with a run saved by --save-logits: mean KL divergence, top-1
                           agreement and the perplexity ratio
 `;
@@ -50,6 +50,12 @@ export const FULL_VOCAB_LIMIT = 4096;
 /** ...and while the saved values stay under this count; else the top TOP_K per token. */
 export const FULL_VALUES_LIMIT = 1 << 24;
 export const TOP_K = 32;
+/**
+ * The --save-logits file is one JSON text, and V8's strings end at 2^29 - 24 characters: the
+ * base64 of the saved values must stay under this (with room for the rest), checked before any
+ * window runs rather than failing at the end. MISTRAL_PERPLEXITY_SAVE_LIMIT lowers it (tests).
+ */
+export const SAVE_CHARS_LIMIT = 500_000_000;
 const SAVE_FORMAT = 'mistral-ts-perplexity-logprobs';
 
 /** The windows llama.cpp scores: floor(n / ctx) of ctx tokens, each with BOS first. */
@@ -265,6 +271,16 @@ export async function perplexityCommand(argv: string[]): Promise<void> {
     const fullVocabLimit = Math.min(FULL_VOCAB_LIMIT, Number(process.env.MISTRAL_PERPLEXITY_FULL_VOCAB ?? FULL_VOCAB_LIMIT));
     const full = vocab <= fullVocabLimit && scored * vocab <= FULL_VALUES_LIMIT;
     const saveWidth = full ? vocab : Math.min(TOP_K, vocab);
+    if (saveFile !== undefined) {
+      const chars = Math.ceil((scored * saveWidth * 4) / 3) * 4 * (full ? 1 : 2); // base64 of the values (and ids)
+      const limit = Math.min(SAVE_CHARS_LIMIT, Number(process.env.MISTRAL_PERPLEXITY_SAVE_LIMIT ?? SAVE_CHARS_LIMIT));
+      if (chars > limit) {
+        throw new UsageError(
+          `--save-logits ${saveFile}: ${scored} scored tokens x ${saveWidth} values would take ${chars} characters, ` +
+          `more than the ${limit} one file holds; give a shorter --file (at most ${Math.floor(scored * (limit / chars))} scored tokens)`,
+        );
+      }
+    }
     const saved = saveFile !== undefined ? new Float32Array(scored * saveWidth) : null;
     const savedIds = saveFile !== undefined && !full ? new Int32Array(scored * saveWidth) : null;
     const kl = base !== null ? new KlAccumulator(base, values['kl-divergence']!) : null;

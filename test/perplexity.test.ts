@@ -216,6 +216,19 @@ describe('perplexity: bad input', () => {
       /saved\.json: saved for ctx 16, vocabulary 512, \d+ scored tokens; this run has ctx 32/,
     );
   });
+  it('--save-logits of more tokens than one JSON file holds: an error before any window runs', async () => {
+    process.env.MISTRAL_PERPLEXITY_SAVE_LIMIT = '10000';
+    try {
+      // The tiny model's full distributions: 512 values a scored token, 2,731 characters of base64 each, so 3 fit in 10,000.
+      await fails(
+        ['perplexity', TINY, '--file', textFile, '--ctx', String(CTX), '--save-logits', path.join(dir, 'big.json')],
+        /^--save-logits .*big\.json: \d+ scored tokens x 512 values would take \d+ characters, more than the 10000 one file holds; give a shorter --file \(at most 3 scored tokens\)$/,
+      );
+    } finally {
+      delete process.env.MISTRAL_PERPLEXITY_SAVE_LIMIT;
+    }
+    expect(fs.existsSync(path.join(dir, 'big.json'))).toBe(false);
+  });
   it('--save-logits into a folder that does not exist', async () => {
     await fails(['perplexity', TINY, '--file', textFile, '--save-logits', path.join(dir, 'no', 'x.json')], /--save-logits .*: folder .* does not exist$/);
   });

@@ -65,3 +65,47 @@ export const crc32: Crc32 = typeof native === 'function' ? crc32Native : crc32Js
 
 /** Which implementation crc32 is, for the record. */
 export const CRC32_IMPLEMENTATION: 'zlib' | 'javascript' = typeof native === 'function' ? 'zlib' : 'javascript';
+
+// Combining the CRCs of adjacent pieces (zlib's crc32_combine, by its method: multiplication of
+// polynomials over GF(2) modulo the CRC's, bit-reflected as the CRC is). The CRC of A followed by
+// B is crc(A) times x^(8 * length of B), plus crc(B). It lets a record read in pieces, in any
+// order, be checked from the pieces' own CRCs.
+
+const POLY = 0xedb88320;
+
+/** a(x) * b(x) modulo the CRC polynomial (reflected: x^0 is the top bit). */
+function multModP(a: number, b: number): number {
+  let m = 0x80000000;
+  let p = 0;
+  for (;;) {
+    if (a & m) {
+      p ^= b;
+      if ((a & (m - 1)) === 0) break;
+    }
+    m >>>= 1;
+    b = b & 1 ? (b >>> 1) ^ POLY : b >>> 1;
+  }
+  return p >>> 0;
+}
+
+/** x^(2^k) modulo the polynomial for k = 0..31 (indexed modulo 32 for larger k, as zlib's x2nmodp does). */
+const X2N: number[] = (() => {
+  const t = [0x40000000]; // x^1
+  for (let k = 1; k < 32; k++) t.push(multModP(t[k - 1], t[k - 1]));
+  return t;
+})();
+
+/** x^(8 * bytes) modulo the polynomial. */
+function xPow8n(bytes: number): number {
+  let p = 0x80000000; // x^0
+  let k = 3; // 8 * bytes = bytes * 2^3
+  for (let n = bytes; n > 0; n = Math.floor(n / 2), k++) {
+    if (n % 2 === 1) p = multModP(X2N[k & 31], p);
+  }
+  return p;
+}
+
+/** The CRC-32 of A followed by B, from crc(A), crc(B) and B's length in bytes. */
+export function crc32Combine(crcA: number, crcB: number, lengthB: number): number {
+  return (multModP(xPow8n(lengthB), crcA) ^ crcB) >>> 0;
+}

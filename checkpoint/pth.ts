@@ -74,7 +74,10 @@ class PthFile implements PthCheckpoint {
     if (byteOffset < 0 || byteOffset + target.length > info.numel * size) {
       throw new CheckpointError(this.path, `tensor "${name}": bytes ${byteOffset}..${byteOffset + target.length} are outside its ${info.numel * size}`);
     }
-    this.zip.readInto(this.storageEntry(info.storageKey), info.storageOffset * size + byteOffset, target);
+    const entry = this.storageEntry(info.storageKey);
+    const start = info.storageOffset * size + byteOffset;
+    this.zip.readInto(entry, start, target);
+    this.zip.verifyPiece(entry, start, target, info.numel * size, `tensor "${name}"`);
   }
 
   /** torch names the zip's top folder after the file it saved to; the first record is always in it. */

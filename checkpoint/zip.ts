@@ -9,7 +9,7 @@
  * every record uncompressed ("stored", method 0); any other method is an error.
  */
 import * as fs from 'fs';
-import { crc32 } from './crc32';
+import { crc32, crc32Combine } from './crc32';
 import { CheckpointError } from './errors';
 import { openRegularFile, readExactly } from './files';
 import {
@@ -64,6 +64,7 @@ export class ZipReader {
   private readonly dataOffsets = new Map<string, number>();
   /** Records whose CRC-32 has been checked. */
   private readonly verified = new Set<string>();
+  private readonly pieces = new Map<string, { start: number; length: number; crc: number }[]>();
 
   private constructor(path: string, fd: number, fileSize: number) {
     this.path = path;
@@ -130,7 +131,39 @@ export class ZipReader {
     if (this.verified.has(entry.name)) return;
     let crc = this.crcOfRange(entry, 0, start, 0);
     crc = crc32(bytes, crc);
-    crc = this.crcOfRange(entry, start + bytes.length, entry.size, crc);
+    this.check(entry, this.crcOfRange(entry, start + bytes.length, entry.size, crc), what);
+  }
+
+  /**
+   * verify() for a record read in pieces, in any order (a weight read straight into the compute
+   * pool: a shard per thread, or rows a few MB at a time): `bytes`, read by readInto from `start`,
+   * is one piece of the `expected` bytes a reader takes from the record. Each piece's CRC is kept;
+   * once `expected` bytes have come, the record's CRC is made of theirs (crc32Combine) and of the
+   * bytes the pieces left out, read from the file, and checked as verify() does. Pieces that
+   * overlap make it read the whole record instead. No byte is read twice otherwise.
+   */
+  verifyPiece(entry: ZipEntry, start: number, bytes: Uint8Array, expected: number, what?: string): void {
+    if (this.verified.has(entry.name)) return;
+    let pieces = this.pieces.get(entry.name);
+    if (pieces === undefined) this.pieces.set(entry.name, (pieces = []));
+    pieces.push({ start, length: bytes.length, crc: crc32(bytes) });
+    if (pieces.reduce((n, p) => n + p.length, 0) < expected) return;
+    this.pieces.delete(entry.name);
+    pieces.sort((a, b) => a.start - b.start);
+    let crc = 0;
+    let at = 0;
+    for (const p of pieces) {
+      if (p.start < at) { // overlapping pieces: the whole record from the file
+        this.verify(entry, 0, new Uint8Array(0), what);
+        return;
+      }
+      crc = crc32Combine(this.crcOfRange(entry, at, p.start, crc), p.crc, p.length);
+      at = p.start + p.length;
+    }
+    this.check(entry, this.crcOfRange(entry, at, entry.size, crc), what);
+  }
+
+  private check(entry: ZipEntry, crc: number, what?: string): void {
     if (crc !== entry.crc32) {
       const hex = (n: number): string => `0x${n.toString(16).padStart(8, '0')}`;
       throw new CheckpointError(

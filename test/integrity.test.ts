@@ -9,12 +9,13 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { describe, expect, it, vi } from 'vitest';
 import { openModel, reportNonFiniteWeights, type NonFiniteWeights } from '../checkpoint/index';
-import { crc32, crc32Js } from '../checkpoint/crc32';
+import { crc32, crc32Combine, crc32Js } from '../checkpoint/crc32';
 import { CheckpointError } from '../checkpoint/errors';
 import { findNonFinite } from '../checkpoint/finite';
 import { openPth } from '../checkpoint/pth';
 import { readPthStream } from '../checkpoint/pth_stream';
 import { openTar } from '../checkpoint/tar';
+import { ZipReader } from '../checkpoint/zip';
 import { loadForCommand, nonFiniteWarning } from '../cli/load';
 import { loadModel } from '../one_file_ref';
 import { f32Bytes, stateDictPickle, writeZip } from './torch_zip';
@@ -50,6 +51,59 @@ describe('CRC-32', () => {
     const random = new Uint8Array(1 << 20).map((_, i) => (i * 2654435761) >>> 24);
     for (let n = 0; n <= 64; n++) expect(crc32Js(random.subarray(3, 3 + n))).toBe(crc32(random.subarray(3, 3 + n)));
     expect(crc32Js(random.subarray(1))).toBe(crc32(random.subarray(1)));
+  });
+});
+
+describe('CRC-32 of pieces', () => {
+  it('crc32Combine(crc(A), crc(B), |B|) is crc(A then B), for cuts anywhere, empty pieces included', () => {
+    const data = new Uint8Array(300_000).map((_, i) => (i * 2654435761) >>> 24);
+    for (const cut of [0, 1, 2, 3, 8, 255, 4096, 65_537, 150_000, 299_999, 300_000]) {
+      expect(crc32Combine(crc32(data.subarray(0, cut)), crc32(data.subarray(cut)), data.length - cut), `cut ${cut}`).toBe(crc32(data));
+    }
+    // Three pieces, combined left to right.
+    const [a, b, c] = [data.subarray(0, 1000), data.subarray(1000, 201_000), data.subarray(201_000)];
+    expect(crc32Combine(crc32Combine(crc32(a), crc32(b), b.length), crc32(c), c.length)).toBe(crc32(data));
+  });
+
+  it('verifyPiece: pieces in any order, a part of the record no piece covers, overlaps; a flipped byte in a piece or in the rest', () => {
+    const file = path.join(FIXTURES, 'pth', 'bf16_state_dict.pth');
+    const good = fs.readFileSync(file);
+    const probe = ZipReader.open(file);
+    const entry = [...probe.entries.values()].reduce((a, b) => (b.size > a.size ? b : a));
+    probe.close();
+    const size = entry.size;
+    /** Reads pieces [start, end) of the record from `bytes` (a copy of the file) through verifyPiece. */
+    const readPieces = (bytes: Buffer, pieces: [number, number][], expected: number): void => {
+      const zip = ZipReader.open(tmpFile(`pieces-${pieces.length}-${expected}.pth`, bytes));
+      try {
+        for (const [start, end] of pieces) {
+          const target = new Uint8Array(end - start);
+          zip.readInto(entry, start, target);
+          zip.verifyPiece(entry, start, target, expected, 'tensor "t"');
+        }
+      } finally {
+        zip.close();
+      }
+    };
+    const third = Math.floor(size / 3);
+    const orders: [number, number][][] = [
+      [[0, third], [third, 2 * third], [2 * third, size]],
+      [[2 * third, size], [0, third], [third, 2 * third]], // out of order
+      [[third, 2 * third], [8, third]], // bytes 0..7 and the end never read: taken from the file
+      [[0, third + 9], [third, size]], // overlapping: the whole record read instead
+    ];
+    for (const pieces of orders) {
+      const expected = pieces.reduce((n, [a, b]) => n + b - a, 0);
+      expect(() => readPieces(good, pieces, expected)).not.toThrow();
+      const { start } = recordData(good, entry.name);
+      for (const at of [third + 5, 3, size - 1]) { // inside a piece, before the pieces, after them
+        const bytes = Buffer.from(good);
+        bytes[start + at] ^= 0x20;
+        expect(() => readPieces(bytes, pieces, expected), `${JSON.stringify(pieces)}, byte ${at}`).toThrow(
+          new RegExp(`record "${entry.name}" \\(tensor "t"\\) fails its CRC-32 check`),
+        );
+      }
+    }
   });
 });
 
@@ -95,6 +149,26 @@ describe('the seekable .pth checks each record it reads', () => {
       expect(() => flipped.read('shared.tail')).toThrowError(new RegExp(`record "${record}" \\(tensor "shared\\.tail"\\) fails its CRC-32 check`));
     } finally {
       flipped.close();
+    }
+  });
+
+  it('read straight into the compute pool (--pool on, --quantize q8_0, 1 to 3 threads): a flipped byte in a layer weight fails the load', async () => {
+    const dir = tmpPath('pool-flip');
+    fs.cpSync(path.join(FIXTURES, 'tiny'), dir, { recursive: true });
+    const pth = path.join(dir, 'consolidated.00.pth');
+    const name = 'layers.1.feed_forward.w2.weight';
+    const ckpt = openPth(pth);
+    const record = `${ckpt.prefix}/data/${ckpt.tensors.get(name)?.storageKey}`;
+    ckpt.close();
+    const bytes = fs.readFileSync(pth);
+    const { start, size } = recordData(bytes, record);
+    bytes[start + size - 3] ^= 0x01; // in the last thread's rows, the last piece
+    fs.writeFileSync(pth, bytes);
+    for (const opts of [{ pool: 'on' as const, threads: 1 }, { pool: 'on' as const, threads: 3 }, { quantize: 'q8_0' as const, threads: 2 }]) {
+      const err = await caught(() => loadModel(dir, { ...opts, onDecision: () => undefined }));
+      expect(err.message, JSON.stringify(opts)).toMatch(
+        new RegExp(`^\\S+consolidated\\.00\\.pth: record "${record}" \\(tensor "${name.replace(/\./g, '\\.')}"\\) fails its CRC-32 check: the central directory says 0x[0-9a-f]{8}, the bytes give 0x[0-9a-f]{8} \\(corrupt file\\)$`),
+      );
     }
   });
 

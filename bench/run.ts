@@ -536,7 +536,7 @@ async function main(): Promise<void> {
     if (!fs.existsSync(path.join(big, 'params.json'))) {
       console.log(`\n7B: no checkpoint at ${big} (make one with: /usr/bin/python3 scripts/make_random_7b.py ${big})`);
     } else {
-      const w7 = { prefill: 64, decode: 8, batch: 4, batchPrefill: 16, batchDecode: 4 };
+      const w7 = { prefill: 64, decode: 16, batch: 4, batchPrefill: 16, batchDecode: 4 }; // 16 steps: 8 left ratios moving by a third from run to run
       // The reference holds 14.5 GB of bf16 plus caches: run it only where that fits beside the rest.
       const available = Number(fs.readFileSync('/proc/meminfo', 'utf8').match(/MemAvailable:\s+(\d+) kB/)?.[1] ?? os.freemem() / 1024) * 1024;
       const refFlags = noReference === null && available > 18 * 1024 ** 3 ? ['--dtype', 'bfloat16', '--stream'] : null;

@@ -46,6 +46,7 @@ interface Protocol {
   KIND_BF16: number; KIND_F16: number; KIND_F32: number; KIND_SCAN: number; KIND_Q8_0: number; KIND_QUANTIZE: number;
   JOBS: number; MAX_JOBS: number; FIELDS: number; STRIDE: number; MSG_BYTES: number;
   words(threads: number): number;
+  runJob(k: Kernels, kind: number, w: number, x: number, y: number, rows: number, cols: number, T: number, scratch: number): void;
 }
 
 /**
@@ -325,22 +326,34 @@ export class ComputePool {
 
   /**
    * Reads the weight, stored row-major and contiguous at byte `position` of the open file `fd`,
-   * straight into its shards with fs.readSync (no host copy of the weight). A short read (the file
-   * ends early) is a one-line error naming `source`.
+   * straight into its shards with fs.readSync (no host copy of the weight; Q8_0 through a buffer of
+   * a few MB, to be repacked into panels). A short read (the file ends early) is a one-line error
+   * naming `source`.
    */
   readFromFile(handle: WeightHandle, fd: number, position: number, source = 'the file'): void {
     this.usable();
     const CHUNK = 1 << 30; // readSync takes at most 2 GiB at once
-    if (handle.dtype === 'q8_0') return this.readQ8FromFile(handle, fd, position, source);
-    for (const t of this.targets(handle)) {
-      for (let done = 0; done < t.bytes.length; ) {
-        const n = fs.readSync(fd, t.bytes, done, Math.min(CHUNK, t.bytes.length - done), position + t.byteStart + done);
+    const readAt = (target: Uint8Array, at: number): void => {
+      for (let done = 0; done < target.length; ) {
+        const n = fs.readSync(fd, target, done, Math.min(CHUNK, target.length - done), position + at + done);
         if (n === 0) {
-          throw new Error(`compute pool: weight ${handle.name}: ${source} ends at byte ${position + t.byteStart + done}, ` +
+          throw new Error(`compute pool: weight ${handle.name}: ${source} ends at byte ${position + at + done}, ` +
             `before its ${handle.rows * handle.rowBytes} bytes from ${position}`);
         }
         done += n;
       }
+    };
+    if (handle.dtype !== 'q8_0') {
+      for (const t of this.targets(handle)) readAt(t.bytes, t.byteStart);
+      return;
+    }
+    // Q8_0 goes into panels (write() repacks whole rows): rows a few MB at a time through a buffer.
+    const rowsPerRead = Math.max(1, Math.floor((8 << 20) / handle.rowBytes));
+    const buf = new Uint8Array(Math.min(handle.rows, rowsPerRead) * handle.rowBytes);
+    for (let r = 0; r < handle.rows; r += rowsPerRead) {
+      const piece = buf.subarray(0, Math.min(rowsPerRead, handle.rows - r) * handle.rowBytes);
+      readAt(piece, r * handle.rowBytes);
+      this.writeRows(handle, r, piece);
     }
   }
 
@@ -410,24 +423,6 @@ export class ComputePool {
       });
       if (jobs.length === 0) return;
       this.run(jobs, own);
-    }
-  }
-
-  /** readFromFile() for Q8_0: whole rows at a time through a buffer of a few MB. */
-  private readQ8FromFile(handle: WeightHandle, fd: number, position: number, source: string): void {
-    const rowsPerRead = Math.max(1, Math.floor((8 << 20) / handle.rowBytes));
-    const buf = new Uint8Array(Math.min(handle.rows, rowsPerRead) * handle.rowBytes);
-    for (let r = 0; r < handle.rows; r += rowsPerRead) {
-      const n = Math.min(rowsPerRead, handle.rows - r) * handle.rowBytes;
-      for (let done = 0; done < n; ) {
-        const got = fs.readSync(fd, buf, done, n - done, position + r * handle.rowBytes + done);
-        if (got === 0) {
-          throw new Error(`compute pool: weight ${handle.name}: ${source} ends at byte ${position + r * handle.rowBytes + done}, ` +
-            `before its ${handle.rows * handle.rowBytes} bytes from ${position}`);
-        }
-        done += got;
-      }
-      this.writeRows(handle, r, buf.subarray(0, n));
     }
   }
 
@@ -693,13 +688,7 @@ export class ComputePool {
     try {
       for (const job of ownFailed ? [] : jobs) {
         if (job.thread !== 0) continue;
-        const k = job.mem.kernels!;
-        if (job.kind === P.KIND_BF16) k.matmul_bf16(job.w, job.x, job.y, job.rows, job.cols, job.T, job.scratch);
-        else if (job.kind === P.KIND_F16) k.matmul_f16(job.w, job.x, job.y, job.rows, job.cols, job.T, job.scratch);
-        else if (job.kind === P.KIND_F32) k.matmul_f32(job.w, job.x, job.y, job.rows, job.cols, job.T, job.scratch);
-        else if (job.kind === P.KIND_Q8_0) k.matmul_q8_0(job.w, job.x, job.y, job.rows, job.cols, job.T, job.scratch);
-        else if (job.kind === P.KIND_QUANTIZE) k.quantize_q8_0(job.x, job.T, job.rows, job.cols, job.w);
-        else k.scan(job.w, job.rows);
+        P.runJob(job.mem.kernels!, job.kind, job.w, job.x, job.y, job.rows, job.cols, job.T, job.scratch);
       }
     } catch (err) {
       error = err;

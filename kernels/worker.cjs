@@ -29,13 +29,7 @@ function runJobs() {
     const [kind, mem, w, x, y, rows, cols, T, scratch] = u32.subarray(o, o + P.FIELDS);
     const k = kernels[mem];
     if (k === undefined) throw new Error(`worker ${index} has no memory ${mem}`);
-    if (kind === P.KIND_BF16) k.matmul_bf16(w, x, y, rows, cols, T, scratch);
-    else if (kind === P.KIND_F16) k.matmul_f16(w, x, y, rows, cols, T, scratch);
-    else if (kind === P.KIND_F32) k.matmul_f32(w, x, y, rows, cols, T, scratch);
-    else if (kind === P.KIND_Q8_0) k.matmul_q8_0(w, x, y, rows, cols, T, scratch);
-    else if (kind === P.KIND_QUANTIZE) k.quantize_q8_0(x, T, rows, cols, w);
-    else if (kind === P.KIND_SCAN) k.scan(w, rows);
-    else throw new Error(`worker ${index}: unknown job kind ${kind}`);
+    P.runJob(k, kind, w, x, y, rows, cols, T, scratch);
   }
 }
 

@@ -4,6 +4,7 @@
  */
 import { type NonFiniteWeights, reportNonFiniteWeights } from '../checkpoint';
 import { loadModel, type LoadOptions, type Tokenizer, type Transformer } from '../one_file_ref';
+import { quantizeConflict } from '../model/load';
 import { initBackend } from '../runtime/backend';
 import { createProgress } from '../runtime/progress';
 import { parseIntFlag, UsageError } from './args';
@@ -24,8 +25,8 @@ export function checkLoadFlags(flags: CommonFlags): Pick<LoadOptions, 'pool' | '
   if (pool !== 'on' && pool !== 'off' && pool !== 'auto') throw new UsageError(`--pool must be on, off or auto, got "${pool}"`);
   const quantize = flags.quantize;
   if (quantize !== undefined && quantize !== 'q8_0') throw new UsageError(`--quantize must be q8_0, got "${quantize}"`);
-  if (quantize !== undefined && pool === 'off') throw new UsageError('--quantize q8_0 runs on the compute pool: it cannot be used with --pool off');
-  if (quantize !== undefined && flags['low-memory']) throw new UsageError('--quantize q8_0 runs on the compute pool: it cannot be used with --low-memory');
+  const conflict = quantize === undefined ? null : quantizeConflict(pool, flags['low-memory'] === true);
+  if (conflict !== null) throw new UsageError(conflict);
   return {
     pool,
     threads: flags.threads === undefined ? undefined : parseIntFlag('threads', flags.threads, 0, 1),

@@ -62,6 +62,13 @@ export interface LoadOptions {
   poolReason?: string;
 }
 
+/** Why `--quantize q8_0` cannot run with these options (it needs the compute pool), or null when it can. */
+export function quantizeConflict(pool: PoolMode, lowMemory: boolean): string | null {
+  if (pool === 'off') return '--quantize q8_0 runs on the compute pool: it cannot be used with --pool off';
+  if (lowMemory) return '--quantize q8_0 runs on the compute pool: it cannot be used with --low-memory';
+  return null;
+}
+
 /**
  * Decides whether the compute pool runs for this model and starts it: `opts` with `computePool`
  * set. 'auto' falls back to tfjs with a note when the pool cannot start; 'on' fails with one line.
@@ -81,8 +88,8 @@ export async function withComputePool(params: unknown, paramsFile: string, opts:
   }
   const mode = opts.pool ?? 'auto';
   if (opts.quantize === 'q8_0') {
-    if (mode === 'off') throw new Error('--quantize q8_0 runs on the compute pool: it cannot be used with --pool off');
-    if (opts.lowMemory === true) throw new Error('--quantize q8_0 runs on the compute pool: it cannot be used with --low-memory');
+    const conflict = quantizeConflict(mode, opts.lowMemory === true);
+    if (conflict !== null) throw new Error(conflict);
     return { ...opts, computePool: await startPool(opts.threads), poolReason: '--quantize q8_0' };
   }
   const { use, why } = choosePool({ mode, threads: opts.threads }, needsLowMemory, opts.lowMemory === true);
